@@ -21,8 +21,9 @@ class _MeanMetric(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _add(self, values: torch.Tensor) -> None:
-        self.total += values.double().sum()
-        self.count += values.numel()
+        # out of place: states reset under inference mode (validation) must stay usable in training
+        self.total = self.total + values.double().sum()
+        self.count = self.count + values.numel()
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp(min=1)
@@ -97,8 +98,8 @@ class TokenReduction(Metric):
         self.add_state("compressed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, num_original: int, num_compressed: int) -> None:
-        self.original += int(num_original)
-        self.compressed += int(num_compressed)
+        self.original = self.original + int(num_original)
+        self.compressed = self.compressed + int(num_compressed)
 
     def compute(self) -> torch.Tensor:
         return 100.0 * (1.0 - self.compressed.double() / self.original.clamp(min=1).double())

@@ -63,8 +63,8 @@ class UMIMDistillation(L.LightningModule):
 
     def __init__(
         self,
-        lm: LMSpec | None = None,
-        merger: MergerSettings | None = None,
+        lm: LMSpec | dict | None = None,
+        merger: MergerSettings | dict | None = None,
         lr: float = 8e-4,
         weight_decay: float = 1e-3,
         warmup_ratio: float = 0.05,
@@ -86,9 +86,11 @@ class UMIMDistillation(L.LightningModule):
         seed : seed of the merger's initialisation.
         """
         super().__init__()
-        self.save_hyperparameters()
-        self.lm_spec = lm or LMSpec()
-        self.merger_settings = merger or MergerSettings()
+        # plain dicts in checkpoints, so they load with torch.load(weights_only=True)
+        self.lm_spec = LMSpec(**lm) if isinstance(lm, dict) else (lm or LMSpec())
+        self.merger_settings = MergerSettings(**merger) if isinstance(merger, dict) else (merger or MergerSettings())
+        self.save_hyperparameters(ignore=["lm", "merger"])
+        self.hparams.update(lm=asdict(self.lm_spec), merger=asdict(self.merger_settings))
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.loss_chunk_size, self.train_metrics, self.seed = loss_chunk_size, train_metrics, seed
         self.lm = None

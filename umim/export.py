@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from .corpus import tokenized_corpus
 from .datamodule import pack_blocks
 from .fingerprint import tokenizer_fingerprint
-from .lm import cache_dir
+from .lm import cache_dir, load_lm
 from .merger import MergeModule
 from .mining import mine_rules
 from .report import evaluate_alignment, write_report
@@ -78,18 +78,27 @@ class ExportAndReport(L.Callback):
         train_seconds = time.perf_counter() - self.fit_started
         dm = trainer.datamodule
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        sharded = isinstance(trainer.strategy, FSDPStrategy)
+        merger = MergeModule(pl_module.merger.config)
         if best:
             state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-            pl_module.merger.load_state_dict({k[len("merger.") :]: v for k, v in state.items() if k.startswith("merger.")})
-        merger = pl_module.merger.cpu().float().eval()
+            merger.load_state_dict({k[len("merger.") :]: v for k, v in state.items() if k.startswith("merger.")})
+        elif sharded:
+            print("ExportAndReport: no best checkpoint under FSDP, nothing to export (add a ModelCheckpoint)")
+            return
+        else:
+            merger.load_state_dict(pl_module.merger.state_dict())
         merger.save_pretrained(self.out_dir / "merger")
         if (self.out_dir / "rules").resolve() != dm.rules_path.resolve():
             shutil.rmtree(self.out_dir / "rules", ignore_errors=True)
             shutil.copytree(dm.rules_path, self.out_dir / "rules")
 
+        # the training LM is sharded under FSDP: evaluate on a full copy on this rank's device
+        lm = load_lm(pl_module.lm_spec).to(pl_module.device) if sharded else pl_module.lm
+        merger = merger.to(lm.device).eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(pl_module.seed)
-            untrained = MergeModule(merger.config).eval()
+            untrained = MergeModule(merger.config).to(lm.device).eval()
         variants = {"trained": (dm.rules, merger), "untrained": (dm.rules, untrained)}
         tok = dm._tokenizer()
         fp = tokenizer_fingerprint(tok)
@@ -100,7 +109,6 @@ class ExportAndReport(L.Callback):
             variants[f"trained, rules {v.name}"] = (rules_v, merger)
             variants[f"untrained, rules {v.name}"] = (rules_v, untrained)
 
-        lm = pl_module.lm.cpu().float()
         eval_sets = self.eval_sets or [EvalSet("held-out", dm.corpus, "test")]
         results = {}
         for es in eval_sets:

@@ -41,7 +41,7 @@ def evaluate_alignment(
         chunk = list(blocks[i : i + batch_size])
         teacher_h = None
         for collate, merger, metrics, tr, kl in state.values():
-            batch = collate(chunk)
+            batch = {k: v.to(lm.device) for k, v in collate(chunk).items()}
             if teacher_h is None:
                 teacher_h = teacher_hidden(lm, batch)
             loss, merged = distill_forward(lm, merger, batch, metrics, chunk_size, teacher_h=teacher_h)
