@@ -57,6 +57,8 @@ class SpanMatcher:
         int8 array with the shape of ``ids``.
         """
         ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids outside the rules' vocabulary [0, {self.vocab_size}): wrong tokenizer?")
         squeeze = ids.ndim == 1
         ids2 = ids[None] if squeeze else ids
         B, L = ids2.shape

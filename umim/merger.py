@@ -133,7 +133,10 @@ class MergeModule(nn.Module):
         if raw.pop("format", None) != "umim-merger":
             raise ValueError(f"{cfg_file} is not a UMIM merger config")
         raw.pop("version", None)
-        config = MergerConfig(**raw)
+        try:
+            config = MergerConfig(**raw)
+        except TypeError as e:
+            raise ValueError(f"{cfg_file} holds unknown or missing merger settings: {e}") from e
         if hidden_size is not None and hidden_size != config.hidden_size:
             raise ValueError(
                 f"merger in {path} was trained for hidden size {config.hidden_size} ({config.lm_name!r}), "

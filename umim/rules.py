@@ -149,17 +149,20 @@ class MergeRules:
             (ngrams if kind == "ngrams" else counts)[int(n)] = arr
         if set(ngrams) != set(counts) or any(ngrams[n].ndim != 2 or ngrams[n].shape[1] != n for n in ngrams):
             raise RulesFileError(f"{tensor_file} has inconsistent n-gram arrays")
-        rules = cls(
-            ngrams=ngrams,
-            counts=counts,
-            tokenizer=meta["tokenizer"],
-            min_count=meta["min_count"],
-            n_range=tuple(meta["n_range"]),
-            filters=meta["filters"],
-            corpus=meta["corpus"],
-            tokens_scanned=meta["tokens_scanned"],
-            removed_by_filter={s: {int(n): k for n, k in d.items()} for s, d in meta.get("removed_by_filter", {}).items()},
-        )
+        try:
+            rules = cls(
+                ngrams=ngrams,
+                counts=counts,
+                tokenizer=meta["tokenizer"],
+                min_count=meta["min_count"],
+                n_range=tuple(meta["n_range"]),
+                filters=meta["filters"],
+                corpus=meta["corpus"],
+                tokens_scanned=meta["tokens_scanned"],
+                removed_by_filter={s: {int(n): k for n, k in d.items()} for s, d in meta.get("removed_by_filter", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise RulesFileError(f"{meta_file} lacks or mangles a required field: {e!r}") from e
         if tokenizer is not None:
             rules.check_tokenizer(tokenizer)
         return rules

