@@ -2,9 +2,10 @@
 
 Counting is exact and vectorized. An n-gram is encoded as ``rank(its (n-1)-prefix) * V + last``,
 where the rank is the prefix's index among the frequent (n-1)-grams, so keys fit in int64 for any
-vocabulary and every level is one ``np.unique`` over the positions still alive. Apriori pruning
-(an n-gram can only reach tau if its prefix does) keeps only positions whose prefix is frequent,
-so memory shrinks level by level. Windows never cross document boundaries.
+vocabulary and every level is one stable sort of the positions still alive (kept grouped by prefix
+between levels, so the sort sees long sorted runs). Apriori pruning (an n-gram can only reach tau
+if its prefix does) keeps only positions whose prefix is frequent, so memory shrinks level by
+level. Windows never cross document boundaries.
 
 Filtering (paper App. A, "hierarchical overlap filtering"), applied in this order:
 
@@ -62,43 +63,56 @@ def count_ngrams(
         raise MiningError("the corpus is empty: no tokens to count")
     if ids.min() < 0:
         raise MiningError("token ids must be non-negative")
-    vocab = int(ids.max()) + 1
-    doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
-    # end of the document each position belongs to: window [p, p+n) is valid iff p + n <= doc_end[p]
-    doc_end = np.repeat(doc_offsets[1:], np.diff(doc_offsets)).astype(np.int64)
-    ids64 = ids.astype(np.int64, copy=False)
+    off = np.asarray(doc_offsets, dtype=np.int64)
+    if off.ndim != 1 or len(off) < 2 or off[0] != 0 or off[-1] != ids.size or (np.diff(off) < 0).any():
+        raise MiningError(f"doc_offsets must rise from 0 to len(ids) = {ids.size}")
+    max_n, vocab = n_values[-1], int(ids.max()) + 1
 
-    # level 1: keep positions whose token is frequent; node = token id
-    unigram = np.bincount(ids64, minlength=vocab)
-    pos = np.flatnonzero(unigram[ids64] >= min_count)
-    node = ids64[pos]
+    # room[p]: tokens left in p's document, capped at max_n (1 byte per token)
+    room = np.full(ids.size, max_n, dtype=np.uint8)
+    for k in range(max_n - 1, 0, -1):
+        last = off[1:] - k
+        ok = last >= off[:-1]
+        room[last[ok]] = k
+    unigram = np.bincount(ids, minlength=vocab)
+    pos = np.flatnonzero(unigram[ids] >= min_count).astype(np.int32 if ids.size < 2**31 else np.int64)
+    tok = ids[pos]
+    order = np.argsort(tok.astype(np.uint16) if vocab <= 65536 else tok, kind="stable")
+    # positions stay grouped by their prefix from level to level, so each level's keys arrive
+    # nearly sorted and the stable sort (timsort/radix) is cheap
+    pos, node = pos[order], tok[order].astype(np.int64)
+    del order, tok
+    prev = np.arange(vocab, dtype=np.int64)[:, None]  # n-gram of each rank at the previous level
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    levels = range(2, n_values[-1] + 1)
-    for n in tqdm(levels, desc="counting n-grams", disable=not progress, leave=False):
-        keep = pos + n <= doc_end[pos]
+    for n in tqdm(range(2, max_n + 1), desc="counting n-grams", disable=not progress, leave=False):
+        keep = room[pos] >= n
         pos, node = pos[keep], node[keep]
         if pos.size == 0:
-            for m in range(n, n_values[-1] + 1):
+            for m in range(n, max_n + 1):
                 if m in n_values:
                     out[m] = (np.zeros((0, m), dtype=np.int64), np.zeros(0, dtype=np.int64))
             break
-        key = node * vocab + ids64[pos + n - 1]
-        uniq, first, inverse, cnt = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+        key = node * vocab + ids[pos + (n - 1)]
+        order = np.argsort(key, kind="stable")
+        key, pos = key[order], pos[order]
+        del order, node
+        new = np.empty(key.size, dtype=bool)
+        new[0] = True
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        cnt = np.diff(np.append(starts, key.size))
         frequent = cnt >= min_count
+        uniq = key[starts[frequent]]
+        del key, new, starts
+        grams = np.column_stack([prev[uniq // vocab], uniq % vocab])  # lexicographic order
+        fcount = cnt[frequent].astype(np.int64)
         if n in n_values:
-            rep = pos[first[frequent]]
-            grams = ids64[rep[:, None] + np.arange(n)[None, :]]
-            out[n] = _sort_rules(grams, cnt[frequent].astype(np.int64))
-        alive = frequent[inverse]
-        rank = np.cumsum(frequent) - 1
-        pos, node = pos[alive], rank[inverse[alive]]
+            by_count = np.argsort(-fcount, kind="stable")  # ties keep lexicographic order
+            out[n] = (grams[by_count], fcount[by_count])
+        pos = pos[np.repeat(frequent, cnt)]
+        node = np.repeat(np.arange(len(fcount), dtype=np.int64), fcount)
+        prev = grams
     return out
-
-
-def _sort_rules(grams: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort rows by descending count, ties by token ids (deterministic output)."""
-    order = np.lexsort(tuple(grams[:, j] for j in reversed(range(grams.shape[1]))) + (-counts,))
-    return grams[order], counts[order]
 
 
 def _row_ids(*arrays: np.ndarray) -> list[np.ndarray]:
