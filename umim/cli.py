@@ -64,13 +64,13 @@ def mine_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int | None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "mine":
-        return mine_main(argv[1:])
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "mine":
+        return mine_main(args[1:])
     UMIMCLI(
         UMIMDistillation,
         UMIMDataModule,
-        args=argv,
+        args=None if argv is None else args,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
     )
     return 0

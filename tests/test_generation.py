@@ -1,0 +1,192 @@
+"""Generation with merging on real tiny models (Llama and GPT-2 built from configs): `none` equals
+HF generate, rollback equals recompute, the cache holds one entry per segment, batches equal
+batch size 1 row for row, and edge cases give clear behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from umim import kv_cache
+from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
+from umim.generation import MergedLM, SamplingConfig
+from umim.merger import MergeModule, MergerConfig
+from umim.rules import MergeRules
+
+PROMPTS = [
+    "The for statement is used to iterate over the elements of a sequence",
+    "Assignment statements are used to bind names to values",
+    "x",
+]
+
+
+def _pydoc_lines(n_topics: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [ln for k in sorted(topics)[:n_topics] for ln in topics[k].splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_factory):
+    t = tiny_tokenizer_factory(_pydoc_lines(30), vocab_size=300)
+    t.add_special_tokens({"eos_token": "[PAD]"})
+    return t
+
+
+def _model(arch: str, vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=True, initializer_range=0.2)
+        return LlamaForCausalLM(cfg).eval()
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tok):
+    """(lm, tokenizer, merger, rules): rules hold n-grams of the model's own sampled text, so merges happen."""
+    lm = _model(request.param, len(tok))
+    fp = tokenizer_fingerprint(tok)
+    torch.manual_seed(1)
+    merger = MergeModule(MergerConfig(hidden_size=32, tokenizer=fp))
+    torch.nn.init.normal_(merger.v_proj.weight, std=0.3)  # a non-trivial merger, not the mean
+    plain = MergedLM(lm, tok)
+    seqs = []
+    for p in PROMPTS:
+        r = plain.generate(p, "none", SamplingConfig(max_new_tokens=30, do_sample=True, seed=3, top_k=0))[0]
+        seqs.append(r.prompt_ids + r.generated_ids)
+    grams = {n: {tuple(s[i : i + n]) for s in seqs for i in range(0, len(s) - n + 1, 2 * n - 1)} for n in (2, 3, 4)}
+    rules = MergeRules(ngrams={n: np.array(sorted(g)) for n, g in grams.items()},
+                       counts={n: np.ones(len(g), dtype=np.int64) for n, g in grams.items()}, tokenizer=fp)
+    return lm, tok, merger, rules
+
+
+GREEDY = SamplingConfig(max_new_tokens=24)
+SAMPLED = SamplingConfig(max_new_tokens=24, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=7)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_none_equals_hf_generate(setup, sampling):
+    lm, tok, _, _ = setup
+    m = MergedLM(lm, tok)
+    for p in PROMPTS:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        torch.manual_seed(sampling.seed or 0)
+        hf = lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+                         temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids) :].tolist()
+        ours = m.generate(p, "none", sampling)[0]
+        assert ours.generated_ids == hf
+
+
+def _check_rollback(lm, result):
+    """Every step's logits == one full forward over the final compressed sequence at that position."""
+    t = result.trace
+    with torch.no_grad():
+        full = lm(inputs_embeds=t["embeds"][None]).logits[0].float()
+    keep = t["survives"]
+    diff = (t["logits"][keep] - full[t["position"][keep]]).abs().max().item()
+    assert diff <= 1e-4, diff
+    return diff
+
+
+@pytest.mark.parametrize("mode", ["prompt", "dynamic"])
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_rollback_equals_recompute(setup, mode, sampling):
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    merged_any = False
+    for p in PROMPTS:
+        r = m.generate(p, mode, sampling, trace=True)[0]
+        _check_rollback(lm, r)
+        # the cache really holds one entry per segment
+        assert r.kv_len_final == len(r.segments) == kv_cache.cache_length(m.last_cache) == len(r.trace["embeds"])
+        # segments tile prompt + generation; multi-token segments are rules
+        seq = r.prompt_ids + r.generated_ids
+        assert [s for s, _ in r.segments] == list(np.cumsum([0] + [n for _, n in r.segments])[:-1])
+        assert sum(n for _, n in r.segments) == len(seq) == r.kv_len_unmerged
+        for s, n in r.segments:
+            if n > 1:
+                assert tuple(seq[s : s + n]) in {tuple(g) for g in rules.ngrams[n].tolist()}
+                merged_any = True
+                if mode == "prompt":
+                    assert s + n <= len(r.prompt_ids)  # prompt mode never merges generated tokens
+        if mode == "prompt":
+            assert r.prompt_len_merged == sum(1 for s, _ in r.segments if s < len(r.prompt_ids))
+    assert merged_any
+
+
+def test_dynamic_merges_generated_tokens_and_shrinks_cache(setup):
+    lm, tok, merger, rules = setup
+    p = PROMPTS[0]
+    first = MergedLM(lm, tok, merger, rules).generate(p, "dynamic", SAMPLED)[0]
+    seq, prompt_len = first.prompt_ids + first.generated_ids, first.prompt_len
+    # a bigram of two single-token generated steps, absent from the prompt: with it added to the
+    # rules the run is identical up to its second token, which must then merge online
+    singles = {s for s, n in first.segments if n == 1}
+    prompt_grams = {tuple(seq[i : i + 2]) for i in range(prompt_len - 1)}
+    i = next(i for i in range(prompt_len, len(seq) - 1)
+             if i in singles and i + 1 in singles and tuple(seq[i : i + 2]) not in prompt_grams)
+    grams = {n: rules.ngrams[n] for n in rules.ngrams}
+    grams[2] = np.vstack([grams[2], [seq[i : i + 2]]])
+    more = MergeRules(ngrams=grams, counts={n: np.ones(len(g), dtype=np.int64) for n, g in grams.items()},
+                      tokenizer=rules.tokenizer)
+    dyn = MergedLM(lm, tok, merger, more).generate(p, "dynamic", SAMPLED)[0]
+    assert dyn.generated_ids[: i + 2 - prompt_len] == first.generated_ids[: i + 2 - prompt_len]
+    assert (i, 2) in dyn.segments
+    assert dyn.kv_len_final == len(dyn.segments) < dyn.kv_len_unmerged
+    assert dyn.token_reduction > 0
+
+
+def test_batched_dynamic_equals_batch_of_one(setup):
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    batch = m.generate(PROMPTS, "dynamic", GREEDY, compact_every=3)
+    t_final = kv_cache.cache_length(m.last_cache)
+    for p, rb in zip(PROMPTS, batch):
+        r1 = m.generate(p, "dynamic", GREEDY)[0]
+        assert rb.generated_ids == r1.generated_ids
+        assert rb.segments == r1.segments and rb.kv_len_final == r1.kv_len_final
+    # after the final compaction the cache is as long as the longest row, not the unmerged length
+    assert t_final == max(r.kv_len_final for r in batch)
+
+
+def test_batched_rollback_equals_recompute(setup):
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    for r in m.generate(PROMPTS, "dynamic", GREEDY, compact_every=2, trace=True):
+        _check_rollback(lm, r)
+
+
+def test_edge_cases(setup, other_tiny_tokenizer):
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    with pytest.raises(ValueError, match="empty prompt"):
+        m.generate("", "dynamic")
+    one = m.generate([tok("x", add_special_tokens=False)["input_ids"][0]], "dynamic", GREEDY)[0]
+    assert one.prompt_len == 1 and len(one.generated_ids) == GREEDY.max_new_tokens
+    with pytest.raises(ValueError, match="context"):
+        m.generate(list(range(5, 5 + 200)), "dynamic", GREEDY)
+    # EOS as the first token: generation stops after it, and the cache still covers the text
+    first = m.generate(PROMPTS[0], "dynamic", GREEDY)[0].generated_ids[0]
+    r = m.generate(PROMPTS[0], "dynamic", SamplingConfig(max_new_tokens=10, eos_token_id=first))[0]
+    assert r.generated_ids == [first] and r.stop_reason == "eos" and r.kv_len_final == len(r.segments)
+    with pytest.raises(ValueError, match="merge mode"):
+        MergedLM(lm, tok).generate("x", "dynamic")
+    with pytest.raises(ValueError, match="unknown merge mode"):
+        m.generate("x", "both")
+    with pytest.raises(TokenizerMismatchError):
+        MergedLM(lm, other_tiny_tokenizer, merger, rules)
+
+
+def test_generation_stops_at_model_context(setup):
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    r = m.generate(PROMPTS[0], "none", SamplingConfig(max_new_tokens=500))[0]
+    assert r.stop_reason == "context" and r.kv_len_final <= lm.config.max_position_embeddings
