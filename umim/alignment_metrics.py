@@ -53,15 +53,18 @@ class TopKOverlap(_MeanMetric):
 def nucleus_mask(logits: torch.Tensor, p: float, k0: int = 256) -> torch.Tensor:
     """[N, V] bool: the minimal set of most probable tokens whose mass reaches ``p``.
 
-    Sorts only the top ``k0`` candidates unless some row's top-``k0`` mass stays below ``p``
-    (flat distributions), then sorts fully: exact either way.
+    Sorts only the top ``k0`` candidates of each row, and fully only the rows whose top-``k0``
+    mass stays below ``p`` (flat distributions): exact either way.
     """
     probs = logits.float().softmax(-1)
     sorted_p, order = probs.topk(min(k0, probs.shape[-1]), dim=-1)
-    if (sorted_p.sum(-1) < p).any():  # rare flat distributions: sort everything
-        sorted_p, order = probs.sort(dim=-1, descending=True)
     keep = (sorted_p.cumsum(-1) - sorted_p) < p  # includes the token that crosses p
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
+    out = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
+    flat = sorted_p.sum(-1) < p  # rows whose top-k0 mass stays below p: sort those rows fully
+    if flat.any():
+        full_p, full_order = probs[flat].sort(dim=-1, descending=True)
+        out[flat] = torch.zeros_like(full_p, dtype=torch.bool).scatter(-1, full_order, (full_p.cumsum(-1) - full_p) < p)
+    return out
 
 
 class TopPOverlap(_MeanMetric):

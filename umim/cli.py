@@ -1,4 +1,4 @@
-"""The ``umim`` command: ``fit``/``validate``/``test`` (LightningCLI) and ``mine``."""
+"""The ``umim`` command: ``fit``/``validate``/``test`` (LightningCLI), ``mine`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -63,10 +63,69 @@ def mine_main(argv: list[str]) -> int:
     return 0
 
 
+def generate_main(argv: list[str]) -> int:
+    """``umim generate``: decode with no, prompt or dynamic merging."""
+    import json
+    from pathlib import Path
+
+    from .generation import MODES, MergedLM, SamplingConfig
+    from .lm import LMSpec
+
+    p = argparse.ArgumentParser(prog="umim generate", description="Generate text with UMIM merging.")
+    p.add_argument("--model", default="embedded", help='hub id, local folder, or "embedded" (default)')
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--run-dir", default="runs/default", help="training output with merger/ and rules/ (default run)")
+    p.add_argument("--merger", default=None, help="merger folder (default: RUN_DIR/merger)")
+    p.add_argument("--rules", default=None, help="rules folder (default: RUN_DIR/rules)")
+    p.add_argument("--merge", choices=MODES, default="dynamic")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+
+    merger, rules = a.merger, a.rules
+    if a.merge != "none":
+        merger = merger or str(Path(a.run_dir) / "merger")
+        rules = rules or str(Path(a.run_dir) / "rules")
+        for what, path in (("merger", merger), ("rules", rules)):
+            if not Path(path).exists():
+                hint = " Run `umim fit --config conf/default.yaml` first." if a.run_dir == "runs/default" else ""
+                print(f"error: no {what} at {path}.{hint} (or pass --{what}, or --merge none)", file=sys.stderr)
+                return 2
+    model = MergedLM.load(LMSpec(a.model, a.gguf_file), merger=merger if a.merge != "none" else None,
+                          rules=rules if a.merge != "none" else None)
+    cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature,
+                         top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop)
+    r = model.generate(a.prompt, a.merge, cfg)[0]
+    if a.json:
+        print(json.dumps(r.to_json()))
+        return 0
+    seq = r.prompt_ids + r.generated_ids
+    pieces = []
+    for s, n in r.segments:
+        text = model.tokenizer.decode(seq[s : s + n])
+        pieces.append(f"[{text}]" if n > 1 else text)
+        if s + n == r.prompt_len:
+            pieces.append(" ||| ")
+    print("".join(pieces))
+    print(f"\n[merged spans in brackets; ||| ends the prompt] prompt {r.prompt_len} -> {r.prompt_len_merged} "
+          f"positions; KV cache {r.kv_len_final} of {r.kv_len_unmerged} entries "
+          f"(TR {100 * r.token_reduction:.1f}%); stop: {r.stop_reason}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int | None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "mine":
         return mine_main(args[1:])
+    if args and args[0] == "generate":
+        return generate_main(args[1:])
     UMIMCLI(
         UMIMDistillation,
         UMIMDataModule,

