@@ -82,3 +82,33 @@ def test_short_training_on_embedded_model_lowers_loss(smollm, pydoc_rules):
     after = mean_loss()
     assert after < 0.9 * before, (before, after)
     assert all(torch.equal(v, lm_before[k]) for k, v in lm.state_dict().items())
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_generate_none_equals_hf_on_embedded_model(smollm, sample):
+    from umim.generation import MergedLM, SamplingConfig
+
+    lm, tok = smollm
+    prompt = "The for statement in Python is used to"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    cfg = SamplingConfig(max_new_tokens=12, do_sample=sample, temperature=0.9, top_k=40, top_p=0.95, seed=5)
+    torch.manual_seed(5)
+    hf = lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12,
+                     do_sample=sample, temperature=0.9, top_k=40, top_p=0.95)[0, len(ids):].tolist()
+    assert MergedLM(lm, tok).generate(prompt, "none", cfg)[0].generated_ids == hf
+
+
+def test_dynamic_rollback_equals_recompute_on_embedded_model(smollm, pydoc_rules):
+    from umim.generation import MergedLM, SamplingConfig
+
+    lm, tok = smollm
+    merger = MergeModule(MergerConfig(hidden_size=576, tokenizer=tokenizer_fingerprint(tok)))
+    m = MergedLM(lm, tok, merger, pydoc_rules)
+    r = m.generate("If the class of the object defines a method for the", "dynamic",
+                   SamplingConfig(max_new_tokens=24, do_sample=True, seed=0), trace=True)[0]
+    t = r.trace
+    with torch.no_grad():
+        full = lm(inputs_embeds=t["embeds"][None]).logits[0]
+    keep = t["survives"]
+    assert (t["logits"][keep] - full[t["position"][keep]]).abs().max() <= 1e-4
+    assert r.kv_len_final == len(r.segments) < r.kv_len_unmerged

@@ -190,3 +190,29 @@ def test_generation_stops_at_model_context(setup):
     m = MergedLM(lm, tok, merger, rules)
     r = m.generate(PROMPTS[0], "none", SamplingConfig(max_new_tokens=500))[0]
     assert r.stop_reason == "context" and r.kv_len_final <= lm.config.max_position_embeddings
+
+
+def test_generate_cli_json_and_brackets(setup, tmp_path, capsys):
+    import json
+
+    from umim.cli import main
+
+    lm, tok, merger, rules = setup
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    merger.save_pretrained(tmp_path / "run" / "merger")
+    rules.save(tmp_path / "run" / "rules")
+    args = ["generate", "--model", str(tmp_path / "lm"), "--run-dir", str(tmp_path / "run"), "--prompt", PROMPTS[0],
+            "--max-new-tokens", "12"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"text", "generated_ids", "segments", "prompt_len", "prompt_len_merged", "kv_len_final",
+            "kv_len_unmerged", "token_reduction"} <= set(out)
+    assert out["kv_len_final"] == len(out["segments"]) and len(out["generated_ids"]) == 12
+    assert out["token_reduction"] == pytest.approx(1 - out["kv_len_final"] / out["kv_len_unmerged"])
+    assert main(args) == 0
+    human = capsys.readouterr().out
+    assert "[" in human and "KV cache" in human
+    assert main(["generate", "--model", str(tmp_path / "lm"), "--run-dir", str(tmp_path / "nowhere"),
+                 "--prompt", "x"]) == 2
+    assert "no merger" in capsys.readouterr().err

@@ -114,16 +114,24 @@ def tokenize_documents(docs: list[str], tokenizer, batch_size: int = 512, progre
 
 
 def tokenized_corpus(spec: str, split: str, tokenizer, fingerprint: dict, cache: Path | None = None, progress=True):
-    """:func:`tokenize_documents` of :func:`load_documents`, cached on disk by spec/split/vocabulary."""
-    key = hashlib.sha256(f"{spec}|{split}|{fingerprint['vocab_sha256']}".encode()).hexdigest()[:20]
-    path = (cache / f"tokens-{key}.npz") if cache else None
+    """:func:`tokenize_documents` of :func:`load_documents`, cached on disk.
+
+    The cache key hashes the documents' text and the vocabulary, so edited files or a changed
+    corpus definition are re-tokenized instead of silently reusing stale ids.
+    """
+    docs = load_documents(spec, split)
+    digest = hashlib.sha256(fingerprint["vocab_sha256"].encode())
+    for d in docs:
+        digest.update(d.encode("utf-8", errors="replace"))
+        digest.update(b"\0")
+    path = (cache / f"tokens-{digest.hexdigest()[:24]}.npz") if cache else None
     if path is not None and path.is_file():
         try:
             with np.load(path) as z:
                 return z["ids"], z["offsets"]
         except (OSError, ValueError, KeyError):
             path.unlink()  # corrupted cache entry: rebuild it
-    ids, offsets = tokenize_documents(load_documents(spec, split), tokenizer, progress=progress)
+    ids, offsets = tokenize_documents(docs, tokenizer, progress=progress)
     if ids.size == 0:
         raise CorpusError(f"corpus {spec!r} split {split!r} tokenizes to zero tokens")
     if path is not None:

@@ -176,16 +176,13 @@ class MergedLM:
         return emb
 
     def _segment_embeds(self, ids: list[int], segments: list[tuple[int, int]]) -> torch.Tensor:
-        """[S, d] embeddings of a segmented sequence (one merger call for all its spans)."""
+        """[S, d] embeddings of a segmented sequence; spans take their cached surrogates."""
         dev = self.lm.device
         with torch.no_grad():
-            t = torch.tensor(ids, device=dev)
             starts = torch.tensor([s for s, _ in segments], device=dev)
-            out = self.embed(t[starts])
-            multi = [i for i, (_, n) in enumerate(segments) if n > 1]
-            if multi:
-                for i in multi:
-                    s, n = segments[i]
+            out = self.embed(torch.tensor(ids, device=dev)[starts])
+            for i, (s, n) in enumerate(segments):
+                if n > 1:
                     out[i] = self.surrogate(tuple(ids[s : s + n]))
         return out
 
