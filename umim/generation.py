@@ -254,10 +254,10 @@ class MergedLM:
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
                       use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
-        next_pos = mask.sum(-1)  # [B] compressed position of each row's next step
+        next_pos = [len(r.segments) for r in rows]  # compressed position of each row's next step (host)
         if trace:
             for b, r in enumerate(rows):
-                self._record(r, logits[b], int(next_pos[b]) - 1)
+                self._record(r, logits[b], next_pos[b] - 1)
 
         done = [cfg.max_new_tokens <= 0] * B
         prev_ids = torch.tensor([r.prompt[-1:] for r in rows], device=dev)
@@ -280,7 +280,7 @@ class MergedLM:
                     r.stop_reason = "stop_string"
                 elif len(r.generated) >= cfg.max_new_tokens:
                     r.stop_reason = "max_new_tokens"
-                elif self.context and int(next_pos[b]) + 2 > self.context:
+                elif self.context and next_pos[b] + 2 > self.context:
                     r.stop_reason = "context"
                 else:
                     done[b] = False
@@ -310,17 +310,16 @@ class MergedLM:
                     for b, k in enumerate(merges):
                         if k:
                             mask[b, T - k :] = 0
-                next_pos = next_pos - torch.tensor(merges, device=dev)
-            live_t = torch.tensor(live, device=dev)
-            mask = torch.cat([mask, live_t.long()[:, None]], dim=1)
-            out = self.lm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=next_pos[:, None],
-                          past_key_values=cache, use_cache=True)
+                next_pos = [p - k for p, k in zip(next_pos, merges)]
+            mask = torch.cat([mask, torch.tensor(live, device=dev, dtype=mask.dtype)[:, None]], dim=1)
+            out = self.lm(inputs_embeds=step_embeds, attention_mask=mask,
+                          position_ids=torch.tensor(next_pos, device=dev)[:, None], past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1, :].float()
             if trace:
                 for b, r in enumerate(rows):
                     if live[b]:
-                        self._record(r, logits[b], int(next_pos[b]))
-            next_pos = next_pos + live_t.long()
+                        self._record(r, logits[b], next_pos[b])
+            next_pos = [p + int(v) for p, v in zip(next_pos, live)]
             prev_ids = y[:, None]
             since_compact += 1
             if not single and (all(done) or since_compact >= compact_every) and bool((mask == 0).any()):
