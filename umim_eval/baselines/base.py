@@ -1,0 +1,149 @@
+"""The one interface every context-reduction baseline implements, and the one knob they share.
+
+Two kinds of baselines (paper Sec. 4.4, App. F.2) are compared with UMIM at a matched token
+reduction (TR), always measured in the target LM's own tokens:
+
+* :class:`PromptCompressor` (Select Context, LLMLingua): drops prompt tokens before the LM runs;
+  ``TR = 1 - kept / original`` prompt tokens (:attr:`CompressedPrompt.tr`).
+* :class:`KVPolicy` (StreamingLLM, H2O): the LM sees every token, but the KV cache evicts entries
+  down to a budget after every step; ``TR = 1 - cache entries / tokens seen``, the same ratio as
+  UMIM's ``GenerationResult.token_reduction`` (``1 - kv_len_final / kv_len_unmerged``).
+
+Both carry the same single knob, ``ratio``: the target TR. Methods whose native knob is not in
+tokens (an LLMLingua rate, a self-information threshold) are driven to a target TR with
+:func:`umim_eval.baselines.match_tr.match_tr`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+SCHEDULES = ("proportional", "fixed")
+
+
+def check_ratio(ratio: float) -> float:
+    """The target TR must lie in [0, 1): 1 would leave nothing to condition on."""
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"ratio (target token reduction) must be in [0, 1), got {ratio}")
+    return float(ratio)
+
+
+def n_removed(ratio: float, n: int) -> int:
+    """Tokens to remove from ``n`` for a target TR: ``round(ratio * n)``, at most ``n - 1``.
+
+    Rounding (not flooring) keeps the TR averaged over many lengths unbiased; one token always
+    stays so the LM has something to attend to.
+    """
+    return min(int(math.floor(ratio * n + 0.5)), max(n - 1, 0))
+
+
+def achieved_tr(n_kept: int, n_original: int) -> float:
+    """``1 - n_kept / n_original`` (0 for an empty input)."""
+    return 1.0 - n_kept / n_original if n_original else 0.0
+
+
+@dataclass
+class CompressedPrompt:
+    """A prompt after token dropping."""
+
+    ids: list[int]
+    """The kept token ids, in their original order (what the LM is fed)."""
+    kept: list[int]
+    """[n_kept] original indices of the kept tokens, ascending."""
+    n_original: int
+    """Length of the prompt before compression."""
+
+    @property
+    def tr(self) -> float:
+        return achieved_tr(len(self.ids), self.n_original)
+
+
+@dataclass
+class Scored:
+    """One row of a matched-TR comparison: what was asked, what was achieved, and the score."""
+
+    method: str
+    target_tr: float
+    achieved_tr: float
+    score: float
+
+
+class PromptCompressor(ABC):
+    """Drops prompt tokens; ``ratio`` is the fraction of the prompt's LM tokens to remove."""
+
+    name: ClassVar[str] = "prompt-compressor"
+    ratio: float
+
+    @abstractmethod
+    def compress(self, lm, tokenizer, prompt_ids: list[int]) -> CompressedPrompt:
+        """Compress one prompt (token ids of ``lm``'s tokenizer) to about ``(1 - ratio)`` of its tokens."""
+
+
+class KVPolicy(ABC):
+    """Evicts KV-cache entries; ``ratio`` is the fraction of seen tokens NOT held in the cache.
+
+    The driver (:func:`umim_eval.baselines.policy_nll.policy_nll`) feeds one token per step, then
+    asks the policy which slots to keep whenever the cache is over budget. Slots carry their
+    original positions (``pos``), so policies reason in positions, not in slot numbers.
+    """
+
+    name: ClassVar[str] = "kv-policy"
+    needs_attentions: ClassVar[bool] = False
+    """True: the driver passes each step's attention weights to :meth:`observe` (eager attention)."""
+    content_free: ClassVar[bool] = False
+    """True: :meth:`keep` looks at positions only, so the whole eviction pattern is known in
+    advance and a text can be scored in ONE forward with a 4-D mask."""
+    ratio: float
+
+    def budget(self, n_seen: int, n_total: int | None = None, schedule: str = "proportional") -> int:
+        """Cache entries allowed after ``n_seen`` tokens.
+
+        ``proportional``: ``n_seen - round(ratio * n_seen)`` at every step, so the cache is always
+        about ``(1 - ratio)`` of the text so far, like UMIM's dynamic merging (but never below
+        :attr:`min_entries`).
+        ``fixed``: one size for the whole text, ``n_total - round(ratio * n_total)``, as in the
+        paper's StreamingLLM setup (window sized from prompt + generation length); early steps
+        are then uncompressed.
+        """
+        if schedule == "proportional":
+            raw = n_seen - n_removed(self.ratio, n_seen)
+        elif schedule == "fixed":
+            if n_total is None:
+                raise ValueError("the fixed schedule needs n_total")
+            raw = n_total - n_removed(self.ratio, n_total)
+        else:
+            raise ValueError(f"unknown budget schedule {schedule!r}; choose from {SCHEDULES}")
+        return min(n_seen, max(raw, self.min_entries))
+
+    @property
+    def min_entries(self) -> int:
+        """Smallest cache the method is defined for (the budget never goes below it); only the
+        first few steps of a text are affected."""
+        return 1
+
+    def reset(self) -> None:
+        """Forget per-text state before a new text."""
+
+    def observe(self, layer: int, attn: torch.Tensor, pos: torch.Tensor) -> None:
+        """Attention weights ``attn`` [B, H, Q, T] of ``layer`` over its T slots (the new ones included),
+        whose original positions are ``pos`` [B, H_kv, T] (H is a multiple of H_kv under GQA)."""
+
+    @abstractmethod
+    def keep(self, layer: int, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
+        """Slots of ``layer`` to keep.
+
+        Parameters
+        ----------
+        layer : decoder layer index.
+        pos : [B, H_kv, T] long, original position of each cached slot (ascending along T).
+        n_keep : entries to keep, ``< T``.
+
+        Returns
+        -------
+        [B, H_kv, n_keep] long slot indices, ascending along the last dim (slot order = position order).
+        """

@@ -1,0 +1,101 @@
+"""``umim-eval``: the evaluation command (subcommand dispatch).
+
+Subcommands
+-----------
+``umim-eval lm-eval ARGS...``
+    lm-evaluation-harness with the ``umim`` model registered: registers it
+    (:func:`umim_eval.lm_eval_hook.register`, which imports only lm-eval's light registry) and
+    hands ``ARGS`` unchanged to lm-eval's own CLI main (``lm_eval.__main__.cli_evaluate``), so
+    every lm-eval option works, e.g.::
+
+        umim-eval lm-eval --model umim --model_args pretrained=embedded,run_dir=runs/default \\
+            --tasks hellaswag --device cpu --batch_size 8 --output_path out/
+
+    This route needs no start-up hook. Plain ``lm_eval --model umim`` works too when the
+    ``umim-lm-eval.pth`` start-up hook is installed (see :mod:`umim_eval.lm_eval_hook`).
+``umim-eval install-lm-eval-hook [--site DIR]``
+    Copy that ``.pth`` hook into site-packages (for installs that did not ship it, e.g. an
+    editable install); ``--remove`` deletes it again.
+
+Registration mechanism (why both): lm-eval 0.4 has no plugin/entry-point lookup for models;
+``--model NAME`` must already be in ``lm_eval.api.registry.model_registry`` when the CLI runs. The
+pass-through registers in-process; the ``.pth`` hook registers lazily whenever lm-eval's registry
+is imported, at the cost of one tiny module at interpreter start-up (no torch, no lm-eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+PTH_NAME = "umim-lm-eval.pth"
+
+
+def lm_eval_main(argv: list[str]) -> int:
+    """Run lm-eval's CLI with ``argv`` (without the program name) and ``umim`` registered."""
+    from .lm_eval_hook import register
+
+    if not register():
+        print("umim-eval lm-eval: lm-eval is not installed (pip install 'lm-eval>=0.4,<0.5')", file=sys.stderr)
+        return 2
+    from lm_eval.__main__ import cli_evaluate
+
+    old = sys.argv
+    sys.argv = ["lm-eval", *argv]  # lm-eval's HarnessCLI parses sys.argv itself
+    try:
+        cli_evaluate()
+    except SystemExit as e:  # argparse --help / errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _site_dir() -> str:
+    import sysconfig
+
+    return sysconfig.get_paths()["purelib"]
+
+
+def install_hook(site: str | None = None, remove: bool = False) -> str:
+    """Copy (or remove) the start-up hook ``umim-lm-eval.pth`` in ``site`` (default: purelib)."""
+    from .lm_eval_hook import pth_path
+
+    dest = os.path.join(site or _site_dir(), PTH_NAME)
+    if remove:
+        if os.path.exists(dest):
+            os.remove(dest)
+    else:
+        shutil.copyfile(pth_path(), dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "lm-eval": "lm-evaluation-harness with the `umim` model registered (all further arguments go to lm-eval)",
+        "install-lm-eval-hook": "install the start-up hook so that plain `lm_eval --model umim` works",
+    }
+    if argv and argv[0] in ("lm-eval", "lm_eval"):
+        return lm_eval_main(argv[1:])  # pass-through: no parsing of lm-eval's own options here
+
+    parser = argparse.ArgumentParser(prog="umim-eval", description="UMIM evaluation commands.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_ in commands.items():
+        p = sub.add_parser(name, help=help_)
+        if name == "install-lm-eval-hook":
+            p.add_argument("--site", default=None, help="site-packages folder (default: this interpreter's)")
+            p.add_argument("--remove", action="store_true", help="delete the hook instead")
+    args = parser.parse_args(argv)
+    if args.command == "install-lm-eval-hook":
+        path = install_hook(args.site, args.remove)
+        print(("removed " if args.remove else "installed ") + path)
+        return 0
+    parser.print_help()
+    return 0 if args.command is None and not argv else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
