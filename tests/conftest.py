@@ -59,3 +59,21 @@ def other_tiny_tokenizer():
 def tiny_tokenizer_factory():
     """The builder itself, for tests that need a tokenizer trained on their own text."""
     return make_tiny_tokenizer
+
+
+def make_tiny_lm(arch: str, vocab: int, context: int = 128, eager: bool = False):
+    """A seeded tiny real causal LM built from a config: ``"llama"`` (GQA, tied) or ``"gpt2"``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True, initializer_range=0.2))
+    else:
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=context,
+                                        initializer_range=0.2, bos_token_id=0, eos_token_id=0))
+    if eager:
+        lm.set_attn_implementation("eager")  # attention weights are returned only by eager attention
+    return lm.eval()

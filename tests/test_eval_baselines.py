@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_tiny_lm
 from umim_eval.baselines import (BASELINES, H2O, KVPolicy, SelectContext, StreamingLLM, continuation_nll, match_tr,
                                  policy_nll, self_information, visible_mask)
 from umim_eval.baselines.base import n_removed
@@ -17,19 +18,7 @@ L = 64
 
 
 def _model(arch: str, vocab: int):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          tie_word_embeddings=True, initializer_range=0.2)
-        lm = LlamaForCausalLM(cfg)
-    else:
-        lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                        initializer_range=0.2, bos_token_id=0, eos_token_id=0))
-    lm.set_attn_implementation("eager")  # H2O reads attention weights
-    return lm.eval()
+    return make_tiny_lm(arch, vocab, eager=True)  # H2O reads attention weights
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_lm
 from umim import kv_cache
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
 from umim.generation import MergedLM, SamplingConfig
@@ -35,16 +36,7 @@ def tok(tiny_tokenizer_factory):
 
 
 def _model(arch: str, vocab: int):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          tie_word_embeddings=True, initializer_range=0.2)
-        return LlamaForCausalLM(cfg).eval()
-    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2)
-    return GPT2LMHeadModel(cfg).eval()
+    return make_tiny_lm(arch, vocab)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_lm
 from umim.merger import MergeModule, MergerConfig
 from umim.rules import MergeRules
 from umim_eval.perplexity import perplexity, reference_nll, two_stage_nll
@@ -20,16 +21,7 @@ FP = {"name": "synthetic", "vocab_size": V, "vocab_sha256": "0" * 64}
 
 
 def _model(arch: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          tie_word_embeddings=True, initializer_range=0.2)
-        return LlamaForCausalLM(cfg).eval()
-    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)
-    return GPT2LMHeadModel(cfg).eval()
+    return make_tiny_lm(arch, V, context=64)
 
 
 def _rules(grams: list[list[int]]) -> MergeRules:
