@@ -137,7 +137,7 @@ def test_merged_loglikelihood_reports_tr_and_matches_definition(assets):
     assert all(math.isfinite(x) for x, _ in got)
     assert 0.0 < m.token_reduction < 1.0 and m.token_reduction_by_type["loglikelihood"] > 0
     # definition, one request at a time: merged context, unmerged continuation, the loss of the option
-    tok, rules, lm = m.tokenizer, assets["rules"], m.model
+    rules, lm = assets["rules"], m.model
     emb = lm.get_input_embeddings()
     merger = m.umim.merger
     for (ctx_s, cont_s), (ll, _) in zip(REQS, got):

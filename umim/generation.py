@@ -26,7 +26,6 @@ whole text — ``kv_len_final`` equals the number of segments — ready to conti
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
