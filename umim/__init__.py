@@ -2,7 +2,8 @@
 
 Data flow (one module per step): ``corpus`` -> ``mining`` -> ``rules`` / ``matcher`` -> ``merger`` ->
 ``batch`` -> ``distill_loss`` + ``alignment_metrics`` -> ``distillation`` (LightningModule) with
-``datamodule``; ``export`` / ``report`` at the end; ``cli`` is the ``umim`` command.
+``datamodule``; ``export`` / ``report`` at the end; ``generation`` (+ ``kv_cache``) decodes with
+prompt and online merging; ``cli`` is the ``umim`` command.
 """
 
 from importlib import import_module
@@ -17,6 +18,8 @@ _LAZY = {
     "mine_rules": "mining",
     "UMIMDistillation": "distillation",
     "UMIMDataModule": "datamodule",
+    "MergedLM": "generation",
+    "SamplingConfig": "generation",
 }
 
 

@@ -1,4 +1,7 @@
-"""umim_eval: evaluation harness for UMIM (lm-eval model, perplexity, downstream tasks, baselines).
+"""umim_eval: evaluation harness for UMIM, beside the library.
 
-Only the alignment report of :mod:`umim.report` exists so far; the harness is tracked in its own issue.
+Built so far: the lm-evaluation-harness model ``umim`` (:mod:`umim_eval.lm_eval_model`, registered by
+:mod:`umim_eval.lm_eval_hook`), two-stage perplexity (:mod:`umim_eval.perplexity`), baselines behind
+one ratio knob (:mod:`umim_eval.baselines`) and the ``umim-eval`` command (:mod:`umim_eval.cli`).
+Generation quality, CNN/DM, AIME/AMC and the comparison tables are tracked in the issues.
 """
