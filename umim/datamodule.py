@@ -104,13 +104,14 @@ class UMIMDataModule(L.LightningDataModule):
         self.blocks: dict[str, np.ndarray] = {}
 
     # -- preparation -------------------------------------------------------------------------------
-    def _tokenizer(self):
+    def get_tokenizer(self):
+        """The target LM's tokenizer (loaded once)."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.lm)
         return self.tokenizer
 
     def _tokens(self, split: str, corpus: str | None = None):
-        tok = self._tokenizer()
+        tok = self.get_tokenizer()
         return tokenized_corpus(corpus or self.corpus, split, tok, tokenizer_fingerprint(tok), cache_dir() / "tokens")
 
     def prepare_data(self) -> None:
@@ -120,14 +121,14 @@ class UMIMDataModule(L.LightningDataModule):
             m = self.mining
             ids, offsets = self._tokens("train", m.corpus)
             rules = mine_rules(
-                ids, offsets, tokenizer_fingerprint(self._tokenizer()), m.min_count, m.min_n, m.max_n, m.filters,
+                ids, offsets, tokenizer_fingerprint(self.get_tokenizer()), m.min_count, m.min_n, m.max_n, m.filters,
                 corpus=f"{m.corpus or self.corpus}:train",
             )
             rules.save(self.rules_path)
             print(f"mined {rules.num_rules()} rules from {rules.tokens_scanned} tokens -> {self.rules_path}")
 
     def setup(self, stage: str | None = None) -> None:
-        tok = self._tokenizer()
+        tok = self.get_tokenizer()
         self.rules = MergeRules.load(self.rules_path, tokenizer=tok)
         rng = np.random.default_rng(self.seed)
         for split, cap in (("train", self.max_train_blocks), ("validation", self.max_eval_blocks), ("test", self.max_eval_blocks)):

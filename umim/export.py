@@ -100,7 +100,7 @@ class ExportAndReport(L.Callback):
             torch.manual_seed(pl_module.seed)
             untrained = MergeModule(merger.config).to(lm.device).eval()
         variants = {"trained": (dm.rules, merger), "untrained": (dm.rules, untrained)}
-        tok = dm._tokenizer()
+        tok = dm.get_tokenizer()
         fp = tokenizer_fingerprint(tok)
         for v in self.rule_variants:
             m = dm.mining

@@ -166,23 +166,32 @@ class MergedLM:
 
     def surrogate(self, ngram: tuple[int, ...]) -> torch.Tensor:
         """[d] surrogate embedding of ``ngram`` (cached: the merger sees static embeddings only)."""
-        emb = self._surrogates.get(ngram)
-        if emb is None:
-            with torch.no_grad():
-                ids = torch.tensor([ngram], device=self.lm.device)
-                emb = self.merger(self.embed(ids).float())[0].to(self.embed.weight.dtype)
-            self._surrogates[ngram] = emb
-        return emb
+        if ngram not in self._surrogates:
+            self._fill_surrogates([ngram])
+        return self._surrogates[ngram]
+
+    @torch.no_grad()
+    def _fill_surrogates(self, ngrams: list[tuple[int, ...]]) -> None:
+        """Compute the uncached surrogates of ``ngrams`` in ONE merger call (padded spans + mask)."""
+        todo = list(dict.fromkeys(g for g in ngrams if g not in self._surrogates))
+        if not todo:
+            return
+        n_max = max(map(len, todo))
+        ids = torch.tensor([list(g) + [g[0]] * (n_max - len(g)) for g in todo], device=self.lm.device)
+        mask = torch.arange(n_max, device=ids.device)[None] < torch.tensor([len(g) for g in todo], device=ids.device)[:, None]
+        out = self.merger(self.embed(ids).float(), mask).to(self.embed.weight.dtype)  # [K, d]
+        self._surrogates.update(zip(todo, out))
 
     def _segment_embeds(self, ids: list[int], segments: list[tuple[int, int]]) -> torch.Tensor:
-        """[S, d] embeddings of a segmented sequence; spans take their cached surrogates."""
+        """[S, d] embeddings of a segmented sequence; spans take their (cached) surrogates."""
         dev = self.lm.device
+        spans = [(i, tuple(ids[s : s + n])) for i, (s, n) in enumerate(segments) if n > 1]
         with torch.no_grad():
             starts = torch.tensor([s for s, _ in segments], device=dev)
             out = self.embed(torch.tensor(ids, device=dev)[starts])
-            for i, (s, n) in enumerate(segments):
-                if n > 1:
-                    out[i] = self.surrogate(tuple(ids[s : s + n]))
+            self._fill_surrogates([g for _, g in spans])
+            for i, g in spans:
+                out[i] = self._surrogates[g]
         return out
 
     def _merge_length(self, tail: list[int], tok: int) -> int:

@@ -52,6 +52,7 @@ import torch
 from umim.batch import build_merged_batch
 from umim.merger import MergeModule
 from umim.rules import MergeRules
+from umim_eval.token_nll import token_nll
 
 
 @dataclass
@@ -115,12 +116,6 @@ def _ready_merger(merger: MergeModule | None, lm) -> MergeModule | None:
     return merger
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[N] float64 NLL of ``targets`` [N] under ``logits`` [N, V] (softmax in float32)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -logp.gather(1, targets[:, None])[:, 0].double()
-
-
 # -- the fast path -------------------------------------------------------------------------------------
 @torch.no_grad()
 def two_stage_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids: torch.Tensor,
@@ -168,10 +163,10 @@ def two_stage_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids:
     score_a = seg_len[:, 1:] > 0  # [B, S-1]
     rows_a = score_a.nonzero(as_tuple=True)[0]
     tgt_a = seg_start[:, 1:][score_a]
-    nll_a = _token_nll(out.logits[:, :-1][score_a], ids[rows_a, tgt_a])
+    nll_a = token_nll(out.logits[:, :-1][score_a], ids[rows_a, tgt_a])
     # per-token record; n_scored counts scoring events, so a token scored twice would show up
-    token_nll = torch.full((B, L), float("nan"), dtype=torch.float64, device=device)
-    token_nll[rows_a, tgt_a] = nll_a
+    per_token = torch.full((B, L), float("nan"), dtype=torch.float64, device=device)
+    per_token[rows_a, tgt_a] = nll_a
     n_scored = torch.bincount(rows_a, minlength=B)
 
     if Q > 0:
@@ -199,13 +194,13 @@ def two_stage_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids:
         out_b = lm(inputs_embeds=q_embeds, attention_mask=mask, position_ids=q_pos,
                    past_key_values=out.past_key_values, use_cache=True)
         rows_b, tgt_b = q_valid.nonzero(as_tuple=True)[0], t[q_valid]
-        token_nll[rows_b, tgt_b] = _token_nll(out_b.logits[q_valid], ids[rows_b, tgt_b])
+        per_token[rows_b, tgt_b] = token_nll(out_b.logits[q_valid], ids[rows_b, tgt_b])
         n_scored = n_scored + torch.bincount(rows_b, minlength=B)
 
-    nll = torch.nan_to_num(token_nll, nan=0.0).sum(1)
+    nll = torch.nan_to_num(per_token, nan=0.0).sum(1)
     n_comp = (seg_len > 0).sum(1)
     return NLLResult(nll_sum=nll.cpu(), n_scored=n_scored.cpu(), n_compressed=n_comp.cpu(),
-                     n_original=lengths, n_skipped=n_skipped.cpu(), token_nll=token_nll.cpu())
+                     n_original=lengths, n_skipped=n_skipped.cpu(), token_nll=per_token.cpu())
 
 
 # -- the literal definition (tests only) -------------------------------------------------------------
@@ -220,7 +215,7 @@ def reference_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids:
     embed = lm.get_input_embeddings()
     dev = lm.device
     B, L = ids.shape
-    token_nll = torch.full((B, L), float("nan"), dtype=torch.float64)
+    per_token = torch.full((B, L), float("nan"), dtype=torch.float64)
     n_scored, n_comp, n_skip = (torch.zeros(B, dtype=torch.long) for _ in range(3))
     for b in range(B):
         x = ids[b, : int(lengths[b])].to(dev)
@@ -234,7 +229,7 @@ def reference_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids:
             return merger(embed(x[s : s + n])[None])[0]
 
         def score(logits_row: torch.Tensor, t: int) -> None:
-            token_nll[b, t] = _token_nll(logits_row[None], x[t][None])[0].cpu()
+            per_token[b, t] = token_nll(logits_row[None], x[t][None])[0].cpu()
             n_scored[b] += 1
 
         elems = [element(s, n) for s, n in segs]
@@ -247,8 +242,8 @@ def reference_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids:
                 score(lm(inputs_embeds=torch.stack(ctx)[None]).logits[0, -1], s + j)
                 n_skip[b] += 1
         n_comp[b] = len(segs)
-    return NLLResult(nll_sum=torch.nan_to_num(token_nll, nan=0.0).sum(1), n_scored=n_scored, n_compressed=n_comp,
-                     n_original=lengths.clone(), n_skipped=n_skip, token_nll=token_nll)
+    return NLLResult(nll_sum=torch.nan_to_num(per_token, nan=0.0).sum(1), n_scored=n_scored, n_compressed=n_comp,
+                     n_original=lengths.clone(), n_skipped=n_skip, token_nll=per_token)
 
 
 # -- corpus perplexity -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..token_nll import token_nll
 from .base import KVPolicy
 
 
@@ -66,11 +67,6 @@ def _as_batch(ids, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[B, Q] float64 NLL of ``targets`` [B, Q] under ``logits`` [B, Q, V]."""
-    return -torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0].double()
-
-
 def visible_mask(policy: KVPolicy, L: int, schedule: str = "proportional") -> tuple[torch.Tensor, torch.Tensor]:
     """Simulate a content-free policy on positions only.
 
@@ -101,9 +97,9 @@ def _one_forward(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> Poli
     mask = torch.zeros(B, 1, L, L, dtype=dtype, device=ids.device)
     mask.masked_fill_(~vis.to(ids.device), torch.finfo(dtype).min)
     logits = lm(input_ids=ids, attention_mask=mask, position_ids=torch.arange(L, device=ids.device).expand(B, L)).logits
-    token_nll = torch.full((B, L), float("nan"), dtype=torch.float64)
-    token_nll[:, 1:] = _nll(logits[:, :-1], ids[:, 1:]).cpu()
-    return PolicyNLL(token_nll=token_nll, cache_len=lens)
+    nll = torch.full((B, L), float("nan"), dtype=torch.float64)
+    nll[:, 1:] = token_nll(logits[:, :-1], ids[:, 1:]).cpu()
+    return PolicyNLL(token_nll=nll, cache_len=lens)
 
 
 @torch.no_grad()
@@ -112,7 +108,7 @@ def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> Pol
     dev = ids.device
     cache = DynamicCache(config=lm.config)
     pos: dict[int, torch.Tensor] = {}  # layer -> [B, H_kv, T] original position of each slot
-    token_nll = torch.full((B, L), float("nan"), dtype=torch.float64)
+    nll = torch.full((B, L), float("nan"), dtype=torch.float64)
     lens = []
     policy.reset()
     for t in range(L - 1):
@@ -120,7 +116,7 @@ def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> Pol
         out = lm(input_ids=ids[:, t : t + 1], attention_mask=torch.ones(B, T + 1, dtype=torch.long, device=dev),
                  position_ids=torch.full((B, 1), t, device=dev), past_key_values=cache, use_cache=True,
                  output_attentions=policy.needs_attentions)
-        token_nll[:, t + 1] = _nll(out.logits[:, -1:], ids[:, t + 1 : t + 2])[:, 0].cpu()
+        nll[:, t + 1] = token_nll(out.logits[:, -1:], ids[:, t + 1 : t + 2])[:, 0].cpu()
         layers = cache.layers
         if policy.needs_attentions and (len(out.attentions or ()) != len(layers) or any(a is None for a in out.attentions)):
             raise ValueError(f"{policy.name} needs attention weights: load the model with attn_implementation='eager'")
@@ -139,7 +135,7 @@ def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> Pol
                 layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
                 pos[i] = pos[i].gather(-1, idx)
         lens.append(cache.get_seq_length())
-    return PolicyNLL(token_nll=token_nll, cache_len=torch.tensor(lens), kept_positions={i: p.cpu() for i, p in pos.items()})
+    return PolicyNLL(token_nll=nll, cache_len=torch.tensor(lens), kept_positions={i: p.cpu() for i, p in pos.items()})
 
 
 def policy_nll(lm, ids, policy: KVPolicy, schedule: str = "proportional", step_by_step: bool | None = None) -> PolicyNLL:

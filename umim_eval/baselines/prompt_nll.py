@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from umim_eval.token_nll import token_nll
+
 
 @torch.no_grad()
 def continuation_nll(lm, context_ids: list[int], target_ids: list[int]) -> torch.Tensor:
@@ -17,4 +19,4 @@ def continuation_nll(lm, context_ids: list[int], target_ids: list[int]) -> torch
     x = torch.tensor([list(context_ids) + list(target_ids)], device=lm.device)
     n = len(context_ids)
     logits = lm(input_ids=x).logits[0, n - 1 : -1].float()
-    return -torch.log_softmax(logits, -1).gather(-1, x[0, n:, None])[:, 0].double().cpu()
+    return token_nll(logits, x[0, n:]).cpu()

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from ..token_nll import token_nll
 from .base import CompressedPrompt, PromptCompressor, check_ratio, n_removed
 
 
@@ -23,8 +24,7 @@ from .base import CompressedPrompt, PromptCompressor, check_ratio, n_removed
 def self_information(lm, ids: list[int]) -> torch.Tensor:
     """[L] float64 ``-log p(x_t | x_<t)`` in nats; ``NaN`` at t = 0 (no context)."""
     x = torch.tensor([ids], device=lm.device)
-    logp = torch.log_softmax(lm(input_ids=x).logits[0, :-1].float(), dim=-1)
-    info = -logp.gather(1, x[0, 1:, None])[:, 0].double().cpu()
+    info = token_nll(lm(input_ids=x).logits[0, :-1], x[0, 1:]).cpu()
     return torch.cat([torch.tensor([float("nan")], dtype=torch.float64), info])
 
 
