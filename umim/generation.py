@@ -182,7 +182,7 @@ class MergedLM:
         out = self.merger(self.embed(ids).float(), mask).to(self.embed.weight.dtype)  # [K, d]
         self._surrogates.update(zip(todo, out))
 
-    def _segment_embeds(self, ids: list[int], segments: list[tuple[int, int]]) -> torch.Tensor:
+    def segment_embeds(self, ids: list[int], segments: list[tuple[int, int]]) -> torch.Tensor:
         """[S, d] embeddings of a segmented sequence; spans take their (cached) surrogates."""
         dev = self.lm.device
         spans = [(i, tuple(ids[s : s + n])) for i, (s, n) in enumerate(segments) if n > 1]
@@ -251,7 +251,7 @@ class MergedLM:
         embeds = torch.zeros(B, S, self.embed.embedding_dim, dtype=dtype, device=dev)
         mask = torch.zeros(B, S, dtype=torch.long, device=dev)
         for b, r in enumerate(rows):
-            e = self._segment_embeds(r.prompt, r.segments)
+            e = self.segment_embeds(r.prompt, r.segments)
             embeds[b, S - len(e) :] = e
             mask[b, S - len(e) :] = 1
             if trace:  # element ids identify what each compressed position holds

@@ -5,6 +5,8 @@ reduction (TR), always measured in the target LM's own tokens:
 
 * :class:`PromptCompressor` (Select Context, LLMLingua): drops prompt tokens before the LM runs;
   ``TR = 1 - kept / original`` prompt tokens (:attr:`CompressedPrompt.tr`).
+* :class:`PromptMerger` (UMIM, K-Token Merging, QuickMerge++): replaces contiguous groups of
+  prompt tokens by one embedding each; ``TR = 1 - elements / original`` (:attr:`MergedPrompt.tr`).
 * :class:`KVPolicy` (StreamingLLM, H2O): the LM sees every token, but the KV cache evicts entries
   down to a budget after every step; ``TR = 1 - cache entries / tokens seen``, the same ratio as
   UMIM's ``GenerationResult.token_reduction`` (``1 - kv_len_final / kv_len_unmerged``).
@@ -82,6 +84,35 @@ class PromptCompressor(ABC):
     @abstractmethod
     def compress(self, lm, tokenizer, prompt_ids: list[int]) -> CompressedPrompt:
         """Compress one prompt (token ids of ``lm``'s tokenizer) to about ``(1 - ratio)`` of its tokens."""
+
+
+@dataclass
+class MergedPrompt:
+    """A prompt after merging contiguous token groups into single embeddings."""
+
+    embeds: torch.Tensor
+    """[S, d] what the LM is fed (the LM's embedding dtype and device), in sequence order."""
+    segments: list[tuple[int, int]]
+    """[S] ``(start, length)`` of the original tokens behind each element; they tile the prompt in order."""
+    n_original: int
+    """Length of the prompt before merging."""
+
+    @property
+    def tr(self) -> float:
+        return achieved_tr(len(self.segments), self.n_original)
+
+
+class PromptMerger(ABC):
+    """Merges contiguous prompt tokens into single embeddings; ``ratio`` is the target TR
+    (``None`` for methods whose TR is fixed by their rules, e.g. UMIM with its mined rules)."""
+
+    name: ClassVar[str] = "prompt-merger"
+    ratio: float | None
+
+    @abstractmethod
+    def merge(self, lm, tokenizer, prompt_ids: list[int]) -> MergedPrompt:
+        """Merge one prompt (token ids of ``lm``'s tokenizer). Never merges across padding: the
+        input is one unpadded prompt."""
 
 
 class KVPolicy(ABC):
