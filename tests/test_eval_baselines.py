@@ -68,7 +68,7 @@ def one_thread():
 
 # -- the shared knob ------------------------------------------------------------------------------------
 def test_registry_and_ratio_checks():
-    assert set(BASELINES) == {"select_context", "streaming_llm", "h2o"}
+    assert set(BASELINES) == {"select_context", "llmlingua1", "llmlingua2", "streaming_llm", "h2o"}
     for cls in BASELINES.values():
         assert cls(ratio=0.25).ratio == 0.25
         for bad in (-0.1, 1.0):

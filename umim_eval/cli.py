@@ -2,6 +2,10 @@
 
 Subcommands
 -----------
+``umim-eval ppl|gen-quality|summarize|math|compare|qa --config conf/eval/X.yaml [--field value ...]``
+    One runner per paper table (:data:`RUNNERS`). Each reads its settings dataclass from a YAML
+    config (unknown keys are errors) with command-line overrides, shows progress bars, writes
+    ``OUT/NAME.json`` (everything) and ``OUT/NAME.md`` (the table), and prints the table.
 ``umim-eval lm-eval ARGS...``
     lm-evaluation-harness with the ``umim`` model registered: registers it
     (:func:`umim_eval.lm_eval_hook.register`, which imports only lm-eval's light registry) and
@@ -31,6 +35,57 @@ import shutil
 import sys
 
 PTH_NAME = "umim-lm-eval.pth"
+
+RUNNERS: dict[str, tuple[str, str, str, str, str]] = {
+    # subcommand: (module, settings dataclass, run function, table function, result file name)
+    "ppl": ("umim_eval.language_modeling", "PPLConfig", "run_ppl", "ppl_table", "ppl"),
+    "gen-quality": ("umim_eval.gen_quality", "GenQualityConfig", "run_gen_quality", "gen_quality_tables", "gen_quality"),
+    "summarize": ("umim_eval.summarization", "SummarizeConfig", "run_summarize", "summarize_table", "summarize"),
+    "math": ("umim_eval.math_reasoning", "MathConfig", "run_math", "math_table", "math"),
+    "compare": ("umim_eval.compare", "CompareConfig", "run_compare", "compare_table", "compare"),
+    "qa": ("umim_eval.qa", "QAConfig", "run_qa", "qa_table", "qa"),
+}
+"""Lazy table of the runners: importing the CLI imports none of them."""
+
+
+def runner_parser(command: str):
+    """The jsonargparse parser of one runner subcommand: ``--config`` plus one option per field."""
+    import importlib
+
+    import jsonargparse
+
+    module, cfg_name, *_ = RUNNERS[command]
+    cfg_cls = getattr(importlib.import_module(module), cfg_name)
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings as --help
+    p = jsonargparse.ArgumentParser(prog=f"umim-eval {command}", description=(cfg_cls.__doc__ or "").strip())
+    p.add_argument("--config", action=jsonargparse.ActionConfigFile, help="YAML settings file (conf/eval/*.yaml)")
+    p.add_class_arguments(cfg_cls)
+    return p, cfg_cls
+
+
+def parse_runner_config(command: str, argv: list[str]):
+    """Settings dataclass of ``command`` from ``argv`` (``--config FILE`` and overrides)."""
+    p, cfg_cls = runner_parser(command)
+    ns = p.parse_args(argv).as_dict()
+    ns.pop("config", None)
+    return cfg_cls(**ns)
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """Parse, run, write JSON + markdown, print the table."""
+    import importlib
+
+    from .results import write_results
+
+    cfg = parse_runner_config(command, argv)
+    module, _, run_name, table_name, file_name = RUNNERS[command]
+    mod = importlib.import_module(module)
+    result = getattr(mod, run_name)(cfg)
+    table = getattr(mod, table_name)(result)
+    paths = write_results(result, cfg.out_dir, file_name, table)
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def lm_eval_main(argv: list[str]) -> int:
@@ -75,11 +130,19 @@ def install_hook(site: str | None = None, remove: bool = False) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
+        "ppl": "perplexity + TR of base and merged LM per dataset (Table 2)",
+        "gen-quality": "continuation quality: Rep/Dist, ROUGE, BERTScore, chrF, MAUVE (Tables 10, 11)",
+        "summarize": "CNN/DailyMail summarization at matched TR (Table 5)",
+        "math": "AIME/AMC pass@k with prompt merging (Table 6)",
+        "compare": "all methods at matched TR: continuation perplexity (UMIM vs baselines vs compressors)",
+        "qa": "zero-shot multiple-choice QA through lm-eval at matched TR (Table 4)",
         "lm-eval": "lm-evaluation-harness with the `umim` model registered (all further arguments go to lm-eval)",
         "install-lm-eval-hook": "install the start-up hook so that plain `lm_eval --model umim` works",
     }
     if argv and argv[0] in ("lm-eval", "lm_eval"):
         return lm_eval_main(argv[1:])  # pass-through: no parsing of lm-eval's own options here
+    if argv and argv[0] in RUNNERS:
+        return run_command(argv[0], argv[1:])
 
     parser = argparse.ArgumentParser(prog="umim-eval", description="UMIM evaluation commands.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

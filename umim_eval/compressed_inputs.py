@@ -84,8 +84,8 @@ def generate_from(lm, prompts: list[PromptInputs], max_new_tokens: int, do_sampl
     for b, p in enumerate(prompts):
         embeds[b, S - p.n_fed :] = p.embeds
         mask[b, S - p.n_fed :] = 1
-    kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-              pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
+    kw = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id,
+              "pad_token_id": pad_token_id if pad_token_id is not None else eos_token_id}
     if do_sample:
         kw.update(temperature=temperature, top_p=top_p, top_k=0)
     out = lm.generate(inputs_embeds=embeds, attention_mask=mask, **kw)

@@ -32,6 +32,13 @@ Request types with merging on (``merge=none`` is exactly HFLM for the two loglik
   text, as HFLM does), at most ``max_gen_toks`` tokens. Rows with equal generation settings are
   batched.
 
+Baselines and other compressors (``compressor=NAME``, a name of :data:`umim_eval.methods.METHODS`
+that reduces prompts, e.g. ``select_context``, ``llmlingua2``, ``quickmerge``): for
+``loglikelihood`` the context is reduced by that method and the continuation scored unmerged, as
+above. ``ratio=umim`` (the default when rules are given) drives the method, per request, to the TR
+the rules give on that context (the paper's matched-TR protocol); ``ratio=0.1`` fixes it. Requests
+are scored one at a time on this path (a compressor may return embeddings, not ids).
+
 Token reduction: every request adds its original and compressed position counts (what the LM was
 fed); :attr:`UMIMLM.token_reduction` is ``1 - compressed / original`` over all of them and
 :attr:`UMIMLM.token_reduction_by_type` per request type. ``get_model_info`` puts both into the
@@ -62,6 +69,7 @@ from umim.merger import MergeModule
 from umim.rules import MergeRules
 
 from .perplexity import two_stage_nll
+from .token_nll import token_nll
 
 log = logging.getLogger("lm_eval.models.umim")  # under lm-eval's logger: shown by its CLI
 
@@ -78,7 +86,8 @@ class UMIMLM(HFLM):
 
     def __init__(self, pretrained="embedded", merger: str | None = None, rules: str | None = None,
                  run_dir: str | None = None, merge: str | None = None, device: str | None = None,
-                 gguf_file: str | None = None, **kwargs):
+                 gguf_file: str | None = None, compressor: str | None = None, ratio: str | float | None = None,
+                 **kwargs):
         if isinstance(pretrained, str):
             pretrained, extra = resolve(LMSpec(pretrained, gguf_file=gguf_file))
             gguf_file = extra.get("gguf_file")
@@ -104,9 +113,27 @@ class UMIMLM(HFLM):
         )
         self.merge = merge
         self.umim = MergedLM(self.model, tok, loaded_merger, loaded_rules)
+        self.compressor, self.ratio = compressor, self._check_ratio(compressor, ratio, loaded_rules)
         self.umim_paths = {"merger": str(merger) if merger else None, "rules": str(rules) if rules else None}
         self._counts = {k: [0, 0] for k in KINDS}  # [original, compressed] positions fed
         self._kind = "loglikelihood"
+
+    def _check_ratio(self, compressor, ratio, rules):
+        if compressor is None:
+            if ratio is not None:
+                raise ValueError("ratio= applies to compressor= only")
+            return None
+        if self.merge != "none":
+            raise ValueError("compressor= replaces UMIM merging: leave merge unset or set merge=none")
+        from .methods import method_class
+
+        method_class(compressor)  # unknown names fail here, before any request
+        ratio = "umim" if ratio is None and rules is not None else ratio
+        if ratio is None:
+            raise ValueError("compressor= needs ratio= (a TR in [0, 1), or umim with rules=/run_dir=)")
+        if ratio != "umim":
+            ratio = float(ratio)
+        return ratio
 
     # -- token reduction ---------------------------------------------------------------------------
     def _count(self, kind: str, original: int, compressed: int) -> None:
@@ -127,7 +154,8 @@ class UMIMLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info.update({
-            "umim_merge": self.merge, **{f"umim_{k}": v for k, v in self.umim_paths.items()},
+            "umim_merge": self.merge, "umim_compressor": self.compressor, "umim_ratio": self.ratio,
+            **{f"umim_{k}": v for k, v in self.umim_paths.items()},
             "umim_token_reduction": self.token_reduction,
             "umim_token_reduction_by_type": self.token_reduction_by_type,
             "umim_token_counts": {k: {"original": c[0], "compressed": c[1]} for k, c in self._counts.items() if c[0]},
@@ -150,6 +178,8 @@ class UMIMLM(HFLM):
 
     # -- loglikelihood -----------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.compressor is not None:
+            return self._compressed_loglikelihood_tokens(requests, disable_tqdm)
         if self.merge == "none":
             for _, ctx, cont in requests:
                 n = min(len(ctx) + len(cont), self.max_length + 1) - 1
@@ -219,12 +249,41 @@ class UMIMLM(HFLM):
         pbar.close()
         return res
 
+    @torch.no_grad()
+    def _compressed_loglikelihood_tokens(self, requests, disable_tqdm: bool):
+        """Context reduced by ``self.compressor`` (per request), continuation unmerged."""
+        from .compressed_inputs import prompt_inputs
+        from .methods import is_kv_policy, make_method
+
+        res = []
+        for key, ctx, cont in tqdm(requests, disable=disable_tqdm or self.rank != 0,
+                                   desc=f"Running loglikelihood requests ({self.compressor})"):
+            full = (ctx + cont)[-(self.max_length + 1):]  # HFLM's left truncation
+            ctx = full[: len(full) - len(cont)]
+            ratio = 1.0 - len(self.umim.rules.segment(ctx)) / len(ctx) if self.ratio == "umim" else self.ratio
+            method = make_method(self.compressor, ratio, **({"merged_lm": self.umim}
+                                                             if self.compressor.startswith("umim") else {}))
+            if is_kv_policy(method):
+                raise ValueError(f"{self.compressor} is a KV-cache policy; QA scoring takes prompt compressors")
+            inp = prompt_inputs(method, self.model, self.tokenizer, ctx)
+            tgt = torch.tensor(list(cont), device=self.device)
+            x = torch.cat([inp.embeds, self.model.get_input_embeddings()(tgt[:-1])])
+            logits = self.model(inputs_embeds=x[None]).logits[0, inp.n_fed - 1 :]
+            answer = (-float(token_nll(logits, tgt).sum()), bool((logits.argmax(-1) == tgt).all()))
+            res.append(answer)
+            self._count(self._kind, len(ctx) + len(cont) - 1, inp.n_fed + len(cont) - 1)
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return res
+
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         with self._as_kind("loglikelihood"):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     # -- loglikelihood_rolling ---------------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        if self.compressor is not None:
+            raise ValueError("compressor= applies to loglikelihood (QA) tasks; perplexity tasks use merge=")
         if self.merge == "none":
             with self._as_kind("loglikelihood_rolling"):
                 return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
@@ -283,6 +342,9 @@ class UMIMLM(HFLM):
         return cfg, until
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        if self.compressor is not None:
+            raise ValueError("compressor= applies to loglikelihood (QA) tasks; use umim-eval summarize/math "
+                             "to generate with baselines")
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)

@@ -65,4 +65,4 @@ def _jsonable(x):
         from dataclasses import asdict
 
         return asdict(x)
-    return str(x)
+    raise TypeError(f"cannot write a {type(x).__name__} to the results JSON")

@@ -1,0 +1,234 @@
+"""The ``umim-eval`` runners on a real tiny Llama with a tokenizer, merger and rules built from
+Python's own docs: every conf/eval YAML parses against its runner (unknown keys refused), the PPL
+table's base row is the plain perplexity, the comparison is exact where a method removes nothing
+and matched where it does, QA runs through lm-eval with UMIM and with a compressor, the runner
+writes JSON + markdown, and the result notebooks execute headless on those results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_lm
+from umim.corpus import load_documents, tokenize_documents
+from umim.fingerprint import tokenizer_fingerprint
+from umim.generation import MergedLM
+from umim.merger import MergeModule, MergerConfig
+from umim.mining import mine_rules
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_CONFS = sorted((ROOT / "conf" / "eval").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer_factory, tmp_path_factory):
+    """A MergedLM (tiny Llama, 400-token BPE on pydoc, rules mined from pydoc train) and its saved
+    folders ``lm`` (model + tokenizer) and ``run`` (merger/ + rules/)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("runners")
+    docs = load_documents("pydoc", "train")
+    tok = tiny_tokenizer_factory(docs[:3000], vocab_size=400, name="tiny-pydoc")
+    tok.add_special_tokens({"eos_token": "[PAD]"})
+    lm = make_tiny_lm("llama", len(tok), context=256)
+    lm.config.eos_token_id = lm.config.pad_token_id = tok.eos_token_id
+    lm.save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    tok = AutoTokenizer.from_pretrained(root / "lm")  # what lm-eval's HFLM loads
+    fp = tokenizer_fingerprint(tok)
+    ids, offsets = tokenize_documents(docs[:3000], tok, progress=False)
+    rules = mine_rules(ids, offsets, fp, min_count=20)
+    torch.manual_seed(1)
+    merger = MergeModule(MergerConfig(hidden_size=32, tokenizer=fp))
+    torch.nn.init.normal_(merger.v_proj.weight, std=0.3)
+    merger.save_pretrained(root / "run" / "merger")
+    rules.save(root / "run" / "rules")
+    return {"m": MergedLM(lm, tok, merger, rules), "lm": str(root / "lm"), "run": str(root / "run"), "root": root}
+
+
+# -- configs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", EVAL_CONFS, ids=[str(p.relative_to(ROOT / "conf")) for p in EVAL_CONFS])
+def test_eval_config_parses(path):
+    from umim_eval.cli import RUNNERS, parse_runner_config
+
+    command = re.sub(r"^table[\d_]+_", "", path.stem).replace("_", "-")
+    assert command in RUNNERS, f"{path.name}: name it after a runner ({sorted(RUNNERS)})"
+    cfg = parse_runner_config(command, ["--config", str(path)])
+    assert cfg.out_dir
+
+
+def test_every_runner_has_paper_and_embedded_config():
+    names = {p.relative_to(ROOT / "conf" / "eval").as_posix() for p in EVAL_CONFS}
+    for stem in ("table2_ppl", "table4_qa", "table5_summarize", "table6_math", "table10_11_gen_quality", "compare"):
+        assert f"{stem}.yaml" in names and f"embedded/{stem}.yaml" in names
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    from umim_eval.cli import parse_runner_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lm: embedded\nwindwo: 64\n")
+    with pytest.raises(SystemExit):
+        parse_runner_config("ppl", ["--config", str(bad)])
+
+
+def test_methods_registry_matches_baselines():
+    from umim_eval.baselines import BASELINES
+    from umim_eval.methods import METHODS, method_class
+
+    for name, cls in BASELINES.items():
+        assert method_class(name) is cls
+    assert set(BASELINES) <= set(METHODS)
+    with pytest.raises(ValueError, match="unknown method"):
+        method_class("nope")
+
+
+# -- ppl ---------------------------------------------------------------------------------------------
+def test_ppl_base_row_is_plain_perplexity(tiny):
+    from umim_eval.language_modeling import PPLConfig, ppl_table, run_ppl
+    from umim_eval.perplexity import perplexity
+
+    m = tiny["m"]
+    cfg = PPLConfig(datasets={"pydoc": "pydoc"}, max_tokens=2000, window=128, batch_size=4)
+    r = run_ppl(cfg, progress=False, merged_lm=m)
+    ids, _ = tokenize_documents(load_documents("pydoc", "test"), m.tokenizer, progress=False)
+    plain = perplexity(m.lm, None, None, ids[:2000], window=128, progress=False)
+    assert r["rows"]["base"]["pydoc"]["ppl"] == pytest.approx(plain["ppl"], rel=1e-9)
+    assert r["rows"]["base"]["pydoc"]["tr"] == 0.0
+    assert 0.05 < r["rows"]["umim"]["pydoc"]["tr"] < 0.9
+    assert r["rows"]["umim"]["pydoc"]["tokens_scored"] == r["rows"]["base"]["pydoc"]["tokens_scored"]
+    table = ppl_table(r)
+    assert table.splitlines()[0].startswith("| Methods | pydoc PPL | pydoc TR (%) | PPL Avg. |")
+    assert len(table.splitlines()) == 4
+
+
+# -- compare -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compare_result(tiny):
+    from umim_eval.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig(data="pydoc", n_samples=4, context_tokens=48, target_tokens=16,
+                        methods=["umim", "select_context", "streaming_llm"], targets=["umim", 0.0, 0.25])
+    return run_compare(cfg, progress=False, merged_lm=tiny["m"])
+
+
+def test_compare_matches_tr_and_is_exact_at_zero(compare_result):
+    rows = {(str(r["target"]), r["method"]): r for r in compare_result["rows"]}
+    base = compare_result["base"]
+    assert ("0.0", "umim") not in rows  # fixed rules have no TR knob
+    for name in ("select_context", "streaming_llm"):
+        assert rows[("0.0", name)]["achieved_tr"] == 0.0
+        assert rows[("0.0", name)]["ppl"] == pytest.approx(base["ppl"], rel=1e-6)
+        for level in ("umim", "0.25"):
+            r = rows[(level, name)]
+            assert r["max_tr_gap"] <= 0.02 + 1e-9, (level, name, r)
+            assert r["ppl"] != pytest.approx(base["ppl"], rel=1e-6)
+    u = rows[("umim", "umim")]
+    assert u["achieved_tr"] == pytest.approx(u["target_tr"]) and u["achieved_tr"] > 0.05
+
+
+def test_compare_table_and_files(compare_result, tmp_path):
+    from umim_eval.compare import compare_table
+    from umim_eval.results import write_results
+
+    table = compare_table(compare_result)
+    assert table.count("\n") == 2 + 1 + len(compare_result["rows"])
+    paths = write_results(compare_result, tmp_path / "compare", "compare", table)
+    assert json.loads(paths["json"].read_text())["base"]["ppl"] == compare_result["base"]["ppl"]
+    assert paths["md"].read_text() == table
+
+
+def test_results_write_is_atomic(tmp_path):
+    from umim_eval.results import write_results
+
+    write_results({"a": 1}, tmp_path, "r", "| t |\n")
+    with pytest.raises(TypeError):
+        write_results({"a": object()}, tmp_path, "r")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}  # the earlier result survives
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# -- qa through lm-eval --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qa_result(tiny):
+    from umim_eval.qa import QAConfig, run_qa
+
+    cfg = QAConfig(lm=tiny["lm"], run_dir=tiny["run"], tasks=[], local_tasks=["pydoc"], local_examples=6,
+                   methods=["base", "umim", "select_context"], batch_size=4, device="cpu",
+                   out_dir=str(tiny["root"] / "results" / "qa"))
+    return run_qa(cfg)
+
+
+def test_qa_runs_umim_and_matched_compressor(qa_result):
+    from umim_eval.qa import qa_table
+
+    rows, task = qa_result["rows"], qa_result["tasks"][0]
+    assert task == "cloze_pydoc"
+    assert rows["base"][task]["tr"] is None
+    for m in ("umim", "select_context"):
+        assert 0.0 < rows[m][task]["tr"] < 1.0
+        assert 0.0 <= rows[m][task]["acc"] <= 1.0
+    # select_context is driven per request to UMIM's TR on the context: same positions removed
+    # from each context, so the same overall TR up to rounding of a few tokens
+    assert rows["select_context"][task]["tr"] == pytest.approx(rows["umim"][task]["tr"], abs=0.02)
+    assert "| Select Context |" in qa_table(qa_result)
+
+
+def test_compressor_at_ratio_zero_equals_plain(tiny):
+    from lm_eval.api.instance import Instance
+
+    from umim_eval.lm_eval_model import UMIMLM
+
+    reqs = [("The for statement is used to iterate over the", " elements"), ("Assignment statements", " bind names")]
+    inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(reqs)]
+    plain = UMIMLM(pretrained=tiny["lm"], device="cpu", merge="none").loglikelihood(inst, disable_tqdm=True)
+    comp = UMIMLM(pretrained=tiny["lm"], device="cpu", compressor="select_context", ratio=0.0)
+    got = comp.loglikelihood(inst, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(plain, got):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    assert comp.token_reduction == 0.0
+    with pytest.raises(ValueError, match="unknown method"):
+        UMIMLM(pretrained=tiny["lm"], device="cpu", compressor="nope", ratio=0.1)
+    with pytest.raises(ValueError, match="ratio"):
+        UMIMLM(pretrained=tiny["lm"], device="cpu", compressor="select_context")
+
+
+# -- CLI and notebooks ---------------------------------------------------------------------------------
+def test_cli_writes_json_and_table(tiny, tmp_path, capsys):
+    from umim_eval.cli import main
+
+    out = tmp_path / "ppl"
+    rc = main(["ppl", "--lm", tiny["lm"], "--run_dir", tiny["run"], "--datasets", '{"docs": "pydoc"}',
+               "--max_tokens", "600", "--window", "100", "--out_dir", str(out)])
+    assert rc == 0
+    result = json.loads((out / "ppl.json").read_text())
+    assert math.isfinite(result["rows"]["umim"]["docs"]["ppl"])
+    assert (out / "ppl.md").read_text() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["tr_vs_quality", "task_results"])
+def test_notebook_executes_headless(name, tiny, compare_result, qa_result, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from umim_eval.results import write_results
+
+    results = tmp_path / "results"
+    write_results(compare_result, results / "compare", "compare")
+    write_results(qa_result, results / "qa", "qa")
+    monkeypatch.setenv("UMIM_RESULTS", str(results))
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    figures = sorted(p.name for p in (results / "figures").glob("*.png"))
+    assert figures == (["tr_vs_ppl.png"] if name == "tr_vs_quality" else ["qa.png"])
+    assert np.all([p.stat().st_size > 1000 for p in (results / "figures").glob("*.png")])

@@ -1,0 +1,169 @@
+"""Every method at a matched token reduction, scored by the perplexity of a continuation.
+
+Protocol. Each test document gives ``context_tokens`` of context and the next ``target_tokens`` as
+the target. A method reduces the CONTEXT (UMIM merges it, prompt compressors drop tokens, prompt
+mergers merge groups); the target is always fed and scored unmerged, one position per token, as
+in the QA protocol of the paper (App. F.2). Score: perplexity of the target tokens (all methods
+score the same tokens). TR = removed context positions / context tokens.
+
+Matching (``targets``):
+
+* ``"umim"`` — per example, every method is driven to the TR UMIM's rules give on THAT context
+  (the paper's default: "TR controlled to be the same as our approach");
+* a number, e.g. ``0.1`` — every method at that TR; fixed-rule UMIM cannot be set to a TR and is
+  replaced by its adaptive-budget variant when that method is registered.
+
+KV policies (StreamingLLM, H2O) do not shrink the prompt; they evict while reading. They read
+context + target token by token with the ``fixed`` budget sized so that the cache finally holds
+``(1 - t) * P + C`` entries, the same as a context merged to TR ``t`` followed by the unmerged
+target; their TR is then reported on the same scale (evicted entries / context tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
+
+from umim.corpus import load_documents
+from umim.generation import MergedLM
+
+from .compressed_inputs import continuation_nll_from, prompt_inputs
+from .methods import is_kv_policy, make_method
+from .results import fmt, markdown_table, pct
+
+
+@dataclass
+class CompareConfig:
+    """Settings of ``umim-eval compare``."""
+
+    lm: str = "embedded"
+    """Target LM: hub id, local folder, or "embedded"."""
+    run_dir: str | None = None
+    """A ``umim fit`` output folder holding ``merger/`` and ``rules/``."""
+    merger: str | None = None
+    """Merger folder (overrides ``run_dir/merger``)."""
+    rules: str | None = None
+    """Rules folder (overrides ``run_dir/rules``)."""
+    data: str = "hf:Salesforce/wikitext:wikitext-103-raw-v1"
+    """Corpus spec of the test documents (``hf:PATH[:CONFIG]``, ``pydoc``, a local file)."""
+    split: str = "test"
+    """Split of ``data``."""
+    n_samples: int = 64
+    """Documents used (those with at least context + target tokens, in corpus order)."""
+    context_tokens: int = 256
+    """Context length P (what the methods reduce)."""
+    target_tokens: int = 64
+    """Target length C (scored, never reduced)."""
+    methods: list[str] = field(default_factory=lambda: ["umim", "select_context", "streaming_llm", "h2o"])
+    """Method names of :data:`umim_eval.methods.METHODS`; ``base`` (no reduction) is always included."""
+    method_options: dict[str, dict] = field(default_factory=dict)
+    """Extra constructor options per method, e.g. ``{ktoken: {path: runs/ktoken/encoder}}``."""
+    targets: list = field(default_factory=lambda: ["umim"])
+    """TR levels: ``"umim"`` (per-example match to UMIM's TR) and/or numbers in [0, 1)."""
+    out_dir: str = "results/compare"
+    """Where ``compare.json`` and ``compare.md`` are written."""
+
+
+@contextlib.contextmanager
+def _eager(lm, needed: bool):
+    """Attention weights (H2O) come only from eager attention; switch for the call, then restore."""
+    old = getattr(lm.config, "_attn_implementation", None)
+    if needed and old != "eager":
+        lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if needed and old not in (None, "eager"):
+            lm.set_attn_implementation(old)
+
+
+def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int, target_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """``(context ids [P], target ids [C])`` from the first ``n`` long-enough documents."""
+    if context_tokens < 1 or target_tokens < 1:
+        raise ValueError("context_tokens and target_tokens must be >= 1")
+    need, out = context_tokens + target_tokens, []
+    for doc in load_documents(data, split):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(ids) >= need:
+            out.append((ids[:context_tokens], ids[context_tokens:need]))
+            if len(out) == n:
+                break
+    if not out:
+        raise ValueError(f"no document of {data}:{split} has {need} tokens; lower context_tokens/target_tokens")
+    return out
+
+
+def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, float]:
+    """(summed target NLL, achieved TR on the context) of one example."""
+    if is_kv_policy(method):
+        from .baselines.policy_nll import policy_nll
+
+        P, C = len(ctx), len(tgt)
+        with _eager(m.lm, method.needs_attentions):
+            r = policy_nll(m.lm, ctx + tgt, method, schedule="fixed")
+        nll = float(r.token_nll[0, P:].sum())
+        evicted = (P + C - 1) - int(r.cache_len[-1])
+        return nll, evicted / P
+    inp = prompt_inputs(method, m.lm, m.tokenizer, ctx)
+    return float(continuation_nll_from(m.lm, inp, tgt).sum()), inp.tr
+
+
+def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM | None = None) -> dict:
+    """Score every method at every target level; see the module docstring for the protocol.
+
+    Returns
+    -------
+    ``{"config", "rows": [{target, method, target_tr, achieved_tr, ppl, nll, n}], "base": {...}, "wall_s"}``
+    (TRs are means over examples).
+    """
+    t0 = time.perf_counter()
+    m = merged_lm or MergedLM.load(cfg.lm, merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir)
+    examples = load_examples(cfg.data, cfg.split, m.tokenizer, cfg.n_samples, cfg.context_tokens, cfg.target_tokens)
+    for t in cfg.targets:
+        if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):
+            raise ValueError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
+    umim = make_method("umim", merged_lm=m) if m.merger is not None and m.rules is not None else None
+    if "umim" in cfg.targets and umim is None:
+        raise ValueError("targets 'umim' needs a merger and rules (run_dir, or merger + rules)")
+    umim_tr = [umim.merge(m.lm, m.tokenizer, c).tr if umim else None for c, _ in examples]
+    n_tgt = sum(len(t) for _, t in examples)
+
+    base_nll = sum(_score(None, m, c, t)[0] for c, t in examples)
+    base = {"method": "base", "ppl": math.exp(base_nll / n_tgt), "nll": base_nll / n_tgt, "achieved_tr": 0.0}
+    rows = []
+    jobs = [(t, name) for t in cfg.targets for name in cfg.methods]
+    for target, name in tqdm(jobs, desc="compare", disable=not progress):
+        if target != "umim" and name == "umim":
+            continue  # fixed rules have no TR knob: the umim_budget method covers fixed levels
+        opts = dict(cfg.method_options.get(name, {}))
+        if name in ("umim", "umim_budget"):
+            opts["merged_lm"] = m
+        nll, trs, asked = 0.0, [], []
+        for i, (ctx, tgt) in enumerate(examples):
+            want = umim_tr[i] if target == "umim" else float(target)
+            method = make_method(name, want, **opts)
+            if is_kv_policy(method):  # same final cache as a context reduced by `want`
+                method.ratio = want * len(ctx) / (len(ctx) + len(tgt) - 1)
+            s, tr = _score(method, m, ctx, tgt)
+            nll, trs, asked = nll + s, trs + [tr], asked + [want]
+        rows.append({"target": target, "method": name, "target_tr": sum(asked) / len(asked),
+                     "achieved_tr": sum(trs) / len(trs), "max_tr_gap": max(abs(a - b) for a, b in zip(trs, asked)),
+                     "ppl": math.exp(nll / n_tgt), "nll": nll / n_tgt, "n": len(examples)})
+    return {"config": asdict(cfg), "base": base, "rows": rows, "n_examples": len(examples),
+            "tokens_scored": n_tgt, "wall_s": time.perf_counter() - t0}
+
+
+def compare_table(result: dict) -> str:
+    """One block per target level: Method | target TR (%) | achieved TR (%) | PPL | ΔPPL vs base."""
+    base = result["base"]
+    rows = [["Base LM", "–", "–", "–", fmt(base["ppl"], 3), "–"]]
+    for r in result["rows"]:
+        level = "UMIM's TR" if r["target"] == "umim" else pct(float(r["target"]), 0) + "%"
+        rows.append([r["method"], level, pct(r["target_tr"]), pct(r["achieved_tr"]), fmt(r["ppl"], 3),
+                     f"{r['ppl'] - base['ppl']:+.3f}"])
+    return markdown_table(["Method", "Matched to", "Target TR (%)", "Achieved TR (%)", "PPL", "ΔPPL"], rows)
+
