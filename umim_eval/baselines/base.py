@@ -55,8 +55,9 @@ class CompressedPrompt:
 
     ids: list[int]
     """The kept token ids, in their original order (what the LM is fed)."""
-    kept: list[int]
-    """[n_kept] original indices of the kept tokens, ascending."""
+    kept: list[int] | None
+    """[n_kept] original indices of the kept tokens, ascending; ``None`` when the output is not
+    index-aligned with the prompt (a method that edits text and re-tokenizes it, e.g. LLMLingua-2)."""
     n_original: int
     """Length of the prompt before compression."""
 
