@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "select_context": "umim_eval.baselines.select_context:SelectContext",
     "llmlingua1": "umim_eval.baselines.llmlingua1:LLMLingua1",
     "llmlingua2": "umim_eval.baselines.llmlingua2:LLMLingua2",
+    "quickmerge": "umim_eval.baselines.quickmerge:QuickMerge",
     "streaming_llm": "umim_eval.baselines.streaming_llm:StreamingLLM",
     "h2o": "umim_eval.baselines.h2o:H2O",
 }
