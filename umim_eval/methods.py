@@ -12,6 +12,7 @@ import importlib
 
 METHODS: dict[str, str] = {
     "umim": "umim_eval.baselines.umim_merge:UMIMMerge",
+    "umim_budget": "umim_eval.baselines.umim_budget:UMIMBudget",
     "select_context": "umim_eval.baselines.select_context:SelectContext",
     "llmlingua1": "umim_eval.baselines.llmlingua1:LLMLingua1",
     "llmlingua2": "umim_eval.baselines.llmlingua2:LLMLingua2",
