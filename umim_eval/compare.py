@@ -21,7 +21,6 @@ target; their TR is then reported on the same scale (evicted entries / context t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from umim.corpus import load_documents
 from umim.generation import MergedLM
 
+from .baselines.policy_generate import eager_attention
 from .compressed_inputs import continuation_nll_from, prompt_inputs
 from .methods import is_kv_policy, make_method
 from .results import fmt, markdown_table, pct
@@ -68,19 +68,6 @@ class CompareConfig:
     """Where ``compare.json`` and ``compare.md`` are written."""
 
 
-@contextlib.contextmanager
-def _eager(lm, needed: bool):
-    """Attention weights (H2O) come only from eager attention; switch for the call, then restore."""
-    old = getattr(lm.config, "_attn_implementation", None)
-    if needed and old != "eager":
-        lm.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if needed and old not in (None, "eager"):
-            lm.set_attn_implementation(old)
-
-
 def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int, target_tokens: int) -> list[tuple[list[int], list[int]]]:
     """``(context ids [P], target ids [C])`` from the first ``n`` long-enough documents."""
     if context_tokens < 1 or target_tokens < 1:
@@ -103,12 +90,13 @@ def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, 
         from .baselines.policy_nll import policy_nll
 
         P, C = len(ctx), len(tgt)
-        with _eager(m.lm, method.needs_attentions):
+        with eager_attention(m.lm, method.needs_attentions):
             r = policy_nll(m.lm, ctx + tgt, method, schedule="fixed")
         nll = float(r.token_nll[0, P:].sum())
         evicted = (P + C - 1) - int(r.cache_len[-1])
         return nll, evicted / P
-    inp = prompt_inputs(method, m.lm, m.tokenizer, ctx)
+    with eager_attention(m.lm, getattr(method, "needs_attentions", False)):
+        inp = prompt_inputs(method, m.lm, m.tokenizer, ctx)
     return float(continuation_nll_from(m.lm, inp, tgt).sum()), inp.tr
 
 

@@ -252,6 +252,7 @@ class UMIMLM(HFLM):
     @torch.no_grad()
     def _compressed_loglikelihood_tokens(self, requests, disable_tqdm: bool):
         """Context reduced by ``self.compressor`` (per request), continuation unmerged."""
+        from .baselines.policy_generate import eager_attention
         from .compressed_inputs import prompt_inputs
         from .methods import is_kv_policy, make_method
 
@@ -265,7 +266,8 @@ class UMIMLM(HFLM):
                                                              if self.compressor.startswith("umim") else {}))
             if is_kv_policy(method):
                 raise ValueError(f"{self.compressor} is a KV-cache policy; QA scoring takes prompt compressors")
-            inp = prompt_inputs(method, self.model, self.tokenizer, ctx)
+            with eager_attention(self.model, getattr(method, "needs_attentions", False)):
+                inp = prompt_inputs(method, self.model, self.tokenizer, ctx)
             tgt = torch.tensor(list(cont), device=self.device)
             x = torch.cat([inp.embeds, self.model.get_input_embeddings()(tgt[:-1])])
             logits = self.model(inputs_embeds=x[None]).logits[0, inp.n_fed - 1 :]

@@ -102,6 +102,43 @@ def _one_forward(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> Poli
     return PolicyNLL(token_nll=nll, cache_len=lens)
 
 
+def evict(cache, pos: dict[int, torch.Tensor], policy: KVPolicy, new_pos: torch.Tensor, n_keep: int,
+          attentions=None) -> None:
+    """Register the slots just written to ``cache`` and evict every layer down to ``n_keep`` entries.
+
+    Shared by scoring (:func:`policy_nll`) and decoding
+    (:func:`umim_eval.baselines.policy_generate.policy_generate`).
+
+    Parameters
+    ----------
+    cache : a ``DynamicCache`` whose ``layers[i].keys/values`` [B, H_kv, T, D] end with the Q new slots.
+    pos : layer -> [B, H_kv, T - Q] original positions of the older slots; updated in place to the
+        positions held after eviction.
+    policy : the KV policy that picks the slots to keep.
+    new_pos : [Q] long, original positions of the Q tokens just fed (ascending).
+    n_keep : entries each layer and head may hold after this call.
+    attentions : per-layer attention weights [B, H, Q, T] of the forward that wrote the new slots
+        (required when ``policy.needs_attentions``).
+    """
+    layers = cache.layers
+    if policy.needs_attentions and (attentions is None or len(attentions) != len(layers)
+                                    or any(a is None for a in attentions)):
+        raise ValueError(f"{policy.name} needs attention weights: load the model with attn_implementation='eager'")
+    for i, layer in enumerate(layers):
+        if getattr(layer, "is_sliding", False):
+            raise TypeError("KV policies are evaluated on full-attention caches only")
+        B, h_kv, _, D = layer.keys.shape
+        new = new_pos.to(layer.keys.device).view(1, 1, -1).expand(B, h_kv, -1)
+        pos[i] = torch.cat([pos[i], new], dim=-1) if i in pos else new.clone()
+        if policy.needs_attentions:
+            policy.observe(i, attentions[i], pos[i])
+        if pos[i].shape[-1] > n_keep:
+            idx = policy.keep(i, pos[i], n_keep)  # [B, H_kv, n_keep]
+            gather = idx[..., None].expand(-1, -1, -1, D)
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+            pos[i] = pos[i].gather(-1, idx)
+
+
 @torch.no_grad()
 def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> PolicyNLL:
     B, L = ids.shape
@@ -117,23 +154,8 @@ def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> Pol
                  position_ids=torch.full((B, 1), t, device=dev), past_key_values=cache, use_cache=True,
                  output_attentions=policy.needs_attentions)
         nll[:, t + 1] = token_nll(out.logits[:, -1:], ids[:, t + 1 : t + 2])[:, 0].cpu()
-        layers = cache.layers
-        if policy.needs_attentions and (len(out.attentions or ()) != len(layers) or any(a is None for a in out.attentions)):
-            raise ValueError(f"{policy.name} needs attention weights: load the model with attn_implementation='eager'")
-        n_keep = policy.budget(t + 1, L - 1, schedule)
-        for i, layer in enumerate(layers):
-            if getattr(layer, "is_sliding", False):
-                raise TypeError("KV policies are evaluated on full-attention caches only")
-            _, h_kv, _, D = layer.keys.shape
-            new = torch.full((B, h_kv, 1), t, device=dev)
-            pos[i] = torch.cat([pos[i], new], dim=-1) if i in pos else new
-            if policy.needs_attentions:
-                policy.observe(i, out.attentions[i], pos[i])
-            if T + 1 > n_keep:
-                idx = policy.keep(i, pos[i], n_keep)  # [B, H_kv, n_keep]
-                gather = idx[..., None].expand(-1, -1, -1, D)
-                layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
-                pos[i] = pos[i].gather(-1, idx)
+        evict(cache, pos, policy, torch.tensor([t]), policy.budget(t + 1, L - 1, schedule),
+              out.attentions if policy.needs_attentions else None)
         lens.append(cache.get_seq_length())
     return PolicyNLL(token_nll=nll, cache_len=torch.tensor(lens), kept_positions={i: p.cpu() for i, p in pos.items()})
 

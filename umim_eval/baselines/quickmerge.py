@@ -141,6 +141,8 @@ class QuickMerge(PromptMerger):
     alpha: float = ALPHA
     epsilon: float = EPSILON
     name: ClassVar[str] = "quickmerge"
+    needs_attentions: ClassVar[bool] = True
+    """Runners switch the LM to eager attention around :meth:`merge` (see ``umim_eval.compare``)."""
 
     def __post_init__(self):
         if self.ratio is not None:

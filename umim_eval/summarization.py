@@ -1,0 +1,361 @@
+"""CNN/DailyMail summarization at a matched token reduction (paper Sec. 4.4, Table 5, App. F.2).
+
+Protocol. Each article is cut to ``max_article_tokens`` LM tokens and put into a prompt template
+(default ``"Article: {article}\\n\\nSummary:"``, a plain completion prompt: the paper does not
+give its template). Every method reduces the PROMPT only; the summary is generated unmerged,
+greedily, for a fixed ``max_new_tokens = 80`` tokens (EOS does not stop it unless
+``stop_at_eos``), decoded, and scored against the reference highlights with ROUGE-1/2/L/Lsum F1,
+their average, and BERTScore F1 (:mod:`umim_eval.generation_metrics`).
+
+Methods are names of :mod:`umim_eval.methods`:
+
+* prompt methods (``base``, ``umim``, ``select_context``, and any registered compressor or
+  merger): the prompt becomes ``[S, d]`` input embeddings (:func:`prompt_inputs`) and Hugging Face
+  ``generate`` decodes from them (:func:`generate_from`); TR = ``1 - S / prompt tokens``;
+* KV policies (``streaming_llm``, ``h2o``): the LM reads the whole prompt and evicts its cache
+  while decoding (:func:`policy_generate`, ``fixed`` budget). To hold the same memory as a prompt
+  reduced by ``t`` followed by an unmerged summary of G tokens, the final cache is sized to
+  ``(1 - t) P + G`` entries (ratio ``t P / (P + G)`` of all ``P + G`` tokens), and the TR is
+  reported on the prompt scale: evicted entries / P. H2O reads attention weights, so the model is
+  switched to eager attention for it (:func:`eager_attention`) and back afterwards.
+
+Matching (``match``): ``"per_example"`` drives every method to the TR that UMIM's rules give on
+THAT example's prompt (the paper: "TR controlled to be the same as our approach"); ``"mean"`` to
+UMIM's mean TR over all examples; ``"fixed"`` to ``ratio``. Fixed-rule UMIM has no knob: it is
+always at its own TR.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from umim.generation import MergedLM, SamplingConfig
+from umim.lm import LMSpec
+
+from .baselines.policy_generate import eager_attention, policy_generate
+from .compressed_inputs import generate_from, prompt_inputs
+from .methods import is_kv_policy, make_method
+from .results import fmt, markdown_table, pct, write_results
+
+MATCHES = ("per_example", "mean", "fixed")
+
+DISPLAY = {"base": "Base LM", "umim": "Merge Module (UMIM)", "select_context": "Select Context",
+           "llmlingua1": "LLMLingua1", "llmlingua2": "LLMLingua2", "streaming_llm": "StreamingLLM", "h2o": "H2O"}
+"""Method name -> its row label in the tables (unknown names are shown as they are)."""
+
+
+@dataclass
+class SummarizeConfig:
+    """Settings of the CNN/DailyMail summarization run (Table 5)."""
+
+    lm: str = "embedded"
+    """Target LM: hub id, local folder, or "embedded" (the offline SmolLM2-135M)."""
+    dtype: str = "float32"
+    """LM weights dtype: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Torch device of the LM and merger; default CUDA when available, else CPU."""
+    run_dir: str | None = None
+    """A ``umim fit`` output folder holding ``merger/`` and ``rules/`` (needed by ``umim`` and by UMIM matching)."""
+    merger: str | None = None
+    """Merger folder (overrides ``run_dir/merger``)."""
+    rules: str | None = None
+    """Rules folder (overrides ``run_dir/rules``)."""
+    data: str = "hf:abisee/cnn_dailymail:3.0.0"
+    """``hf:PATH[:CONFIG]`` (a hub dataset) or a local ``.jsonl`` file with one record per line."""
+    split: str = "test"
+    """Split of a hub dataset (ignored for local files)."""
+    article_field: str = "article"
+    """Record field holding the article."""
+    reference_field: str = "highlights"
+    """Record field holding the reference summary (newlines separate its sentences)."""
+    n_samples: int = 100
+    """Articles used, in dataset order."""
+    max_article_tokens: int = 512
+    """Articles are cut to this many LM tokens before they go into the template."""
+    prompt_template: str = "Article: {article}\n\nSummary:"
+    """Prompt with one ``{article}`` field; the generated text continues it."""
+    add_special_tokens: bool = True
+    """Let the tokenizer add its special tokens (e.g. Llama's BOS) to the prompt."""
+    max_new_tokens: int = 80
+    """Summary length in LM tokens (the paper: a fixed 80)."""
+    stop_at_eos: bool = False
+    """Stop a summary at the tokenizer's EOS; False generates exactly ``max_new_tokens`` (the paper's
+    fixed length, which also keeps KV policies exactly at their target TR)."""
+    greedy: bool = True
+    """Greedy decoding (the paper); False samples with ``temperature`` and ``top_p``."""
+    temperature: float = 1.0
+    """Sampling temperature (``greedy=False`` only)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (``greedy=False`` only)."""
+    seed: int = 0
+    """Seed of the sampling RNG (``greedy=False`` only)."""
+    methods: list[str] = field(default_factory=lambda: ["base", "umim", "select_context", "streaming_llm", "h2o"])
+    """Method names of :data:`umim_eval.methods.METHODS`, plus ``base`` (the plain LM)."""
+    method_options: dict[str, dict] = field(default_factory=dict)
+    """Extra constructor options per method name, e.g. ``{streaming_llm: {n_sink: 4}}``."""
+    match: str = "per_example"
+    """TR matching: "per_example" (UMIM's TR on each prompt), "mean" (UMIM's mean TR), "fixed" (``ratio``)."""
+    ratio: float | None = None
+    """Target TR for ``match="fixed"``."""
+    kv_prefill: str = "full"
+    """KV policies: "full" (one forward over the prompt, then evict) or "step" (evict after every prompt token)."""
+    batch_size: int = 1
+    """Prompts per ``generate`` call for prompt methods (left-padded; KV policies decode one at a time)."""
+    bertscore_model: str | None = "roberta-large"
+    """BERTScore encoder: hub id, local folder, or "embedded"; None skips BERTScore."""
+    bertscore_layers: int | None = 17
+    """Encoder layer of BERTScore (roberta-large: 17); None = bert_score's default for known hub models."""
+    bertscore_batch_size: int = 32
+    """Texts per BERTScore forward."""
+    out_dir: str | None = "results/summarization"
+    """Where ``summarization.json`` and ``summarization.md`` are written; None writes nothing."""
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def load_records(data: str, split: str, fields: list[str], n: int | None = None) -> list[dict]:
+    """The first ``n`` records of a hub dataset (``hf:PATH[:CONFIG]``) or a local ``.jsonl`` file,
+    each reduced to ``fields`` (values as strings)."""
+    if data.startswith("hf:"):
+        import datasets
+
+        path, _, config = data[3:].partition(":")
+        ds = datasets.load_dataset(path, config or None, split=split)
+        rows = ds.select(range(min(n, len(ds)))) if n is not None else ds
+    else:
+        p = Path(data)
+        if not p.is_file():
+            raise FileNotFoundError(f"no data file {data!r} (use hf:PATH[:CONFIG] for hub datasets)")
+        with open(p, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows = rows[:n] if n is not None else rows
+    out = []
+    for i, r in enumerate(rows):
+        missing = [k for k in fields if k not in r]
+        if missing:
+            raise KeyError(f"record {i} of {data} has no field(s) {missing}; it has {sorted(r)}")
+        out.append({k: str(r[k]) for k in fields})
+    if not out:
+        raise ValueError(f"{data} holds no records")
+    return out
+
+
+def article_prompt_ids(tokenizer, article: str, template: str, max_article_tokens: int,
+                       add_special_tokens: bool = True) -> list[int]:
+    """[P] prompt ids: ``template`` around ``article`` cut to ``max_article_tokens`` tokens."""
+    if "{article}" not in template:
+        raise ValueError(f"prompt_template needs an {{article}} field, got {template!r}")
+    ids = tokenizer(article, add_special_tokens=False)["input_ids"][:max_article_tokens]
+    text = template.format(article=tokenizer.decode(ids).strip())
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+# -- matched generation (shared with the math runner) -------------------------------------------------
+
+
+def load_merged_lm(lm: str, dtype: str = "float32", device: str | None = None, run_dir=None, merger=None,
+                   rules=None, need_merger: bool = False) -> MergedLM:
+    """The target LM (plus merger and rules when given) on ``device`` (default CUDA when available)."""
+    if need_merger and run_dir is None and (merger is None or rules is None):
+        raise ValueError("umim (and UMIM matching) needs a merger and rules: set run_dir, or merger and rules")
+    m = MergedLM.load(LMSpec(lm, dtype=dtype), merger=merger, rules=rules, run_dir=run_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if m.lm.device != dev:
+        m.lm.to(dev)
+        if m.merger is not None:
+            m.merger.to(dev)
+    return m
+
+
+def match_targets(match: str, ratio: float | None, m: MergedLM, prompts: list[list[int]]) -> list[float]:
+    """Per prompt, the TR every method is driven to (see the module docstring)."""
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; choose from {MATCHES}")
+    if match == "fixed":
+        if ratio is None or not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f'match="fixed" needs ratio in [0, 1), got {ratio!r}')
+        return [float(ratio)] * len(prompts)
+    if m.merger is None or m.rules is None:
+        raise ValueError(f'match="{match}" needs UMIM\'s merger and rules (run_dir), or use match="fixed" with ratio')
+    # the segmentation UMIMMerge uses, without embedding anything
+    trs = [1.0 - len(m.rules.segment(list(p))) / len(p) for p in prompts]
+    return trs if match == "per_example" else [sum(trs) / len(trs)] * len(prompts)
+
+
+@dataclass
+class Generated:
+    """One generated text and the TR it was generated at."""
+
+    ids: list[int]
+    """New token ids (EOS excluded)."""
+    tr: float
+    """Achieved TR on the prompt scale: removed prompt positions (or evicted entries) / prompt tokens."""
+
+
+def model_context(lm) -> int:
+    return int(getattr(lm.config, "max_position_embeddings", 0) or getattr(lm.config, "n_positions", 0) or 0)
+
+
+def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: list[float],
+                     sampling: SamplingConfig, n_samples: int = 1, batch_size: int = 1, options: dict | None = None,
+                     kv_prefill: str = "full", progress: bool = True) -> list[list[Generated]]:
+    """Generate ``n_samples`` texts per prompt with method ``name`` driven to ``targets``.
+
+    Parameters
+    ----------
+    name : a method name of :mod:`umim_eval.methods` or ``"base"``.
+    m : the target LM and tokenizer (and merger + rules for ``umim``).
+    prompts : N prompts, token ids of ``m.tokenizer``.
+    targets : [N] target TR of each prompt (ignored by ``base`` and fixed-rule ``umim``).
+    sampling : decoding settings; with ``do_sample`` and a ``seed``, the RNG is reseeded per batch
+        (prompt methods) or per text (KV policies), so methods see the same random stream.
+    n_samples : texts per prompt (pass@k needs several).
+    batch_size : texts per ``generate`` call (prompt methods only).
+    options : extra constructor options of the method.
+    kv_prefill : prefill of KV policies, see :func:`policy_generate`.
+
+    Returns
+    -------
+    [N][n_samples] :class:`Generated`.
+    """
+    if len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    opts = dict(options or {})
+    if name == "umim":
+        opts["merged_lm"] = m
+    lm, tok, G = m.lm, m.tokenizer, sampling.max_new_tokens
+    context = model_context(lm)
+    eos = sampling.eos_token_id
+    out: list[list[Generated]] = [[] for _ in prompts]
+    # built once (a compressor may load a model), then re-aimed per prompt through its ratio knob
+    method = make_method(name, 0.0, **opts)
+    driven = method is not None and getattr(method, "ratio", None) is not None
+    if is_kv_policy(method):
+        bar = tqdm(total=len(prompts) * n_samples, desc=name, disable=not progress, leave=False)
+        with eager_attention(lm, method.needs_attentions):
+            for i, (p, t) in enumerate(zip(prompts, targets)):
+                P = len(p)
+                if context and P + G > context:
+                    raise ValueError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
+                policy = method
+                policy.ratio = t * P / (P + G)  # final cache (1 - t) P + G entries
+                for s in range(n_samples):
+                    seed = None if sampling.seed is None else sampling.seed + i * n_samples + s
+                    cfg = SamplingConfig(**{**asdict(sampling), "seed": seed})
+                    r = policy_generate(lm, p, policy, cfg, schedule="fixed", prefill=kv_prefill)
+                    out[i].append(Generated(r.generated_ids, (r.n_seen - r.cache_len) / P))
+                    bar.update()
+        bar.close()
+        return out
+
+    inputs = []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        if driven:
+            method.ratio = float(t)
+        inp = prompt_inputs(method, lm, tok, p)
+        if context and inp.n_fed + G > context:
+            raise ValueError(f"prompt {i}: {inp.n_fed} positions + {G} new exceed the model's context {context}")
+        inputs.append(inp)
+    items = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else None)
+    for b in tqdm(range(0, len(items), batch_size), desc=name, disable=not progress, leave=False):
+        chunk = items[b : b + batch_size]
+        if sampling.do_sample and sampling.seed is not None:
+            torch.manual_seed(sampling.seed + b)
+        texts = generate_from(lm, [inputs[i] for i, _ in chunk], G, do_sample=sampling.do_sample,
+                              temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=eos,
+                              pad_token_id=pad)
+        for (i, _), ids in zip(chunk, texts):
+            out[i].append(Generated(ids, inputs[i].tr))
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def _check(cfg: SummarizeConfig) -> None:
+    if not cfg.methods:
+        raise ValueError("methods is empty")
+    if cfg.n_samples < 1 or cfg.max_new_tokens < 1 or cfg.max_article_tokens < 1 or cfg.batch_size < 1:
+        raise ValueError("n_samples, max_new_tokens, max_article_tokens and batch_size must be >= 1")
+    if cfg.match not in MATCHES:
+        raise ValueError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
+
+
+def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: MergedLM | None = None) -> dict:
+    """Summarize with every method at the matched TR and score the summaries.
+
+    Parameters
+    ----------
+    cfg : the run's settings.
+    progress : show tqdm bars.
+    merged_lm : an already loaded LM (+ merger and rules); ``cfg.lm``, ``run_dir``, ``merger``,
+        ``rules``, ``dtype`` and ``device`` are then ignored.
+
+    Returns
+    -------
+    ``{"config", "methods": {name: {target_tr, tr, max_tr_gap, rouge1, rouge2, rougeL, rougeLsum,
+    avg, bertscore}}, "examples": [{reference, target_tr, predictions: {name: text}, tr: {name: tr}}],
+    "wall_s"}``; scores in percent, TRs as fractions (means over examples). Also written to
+    ``out_dir`` when set.
+    """
+    from .generation_metrics import BertScorer, rouge
+
+    _check(cfg)
+    t0 = time.perf_counter()
+    needs_umim = "umim" in cfg.methods or cfg.match != "fixed"
+    m = merged_lm or load_merged_lm(cfg.lm, cfg.dtype, cfg.device, cfg.run_dir, cfg.merger, cfg.rules, needs_umim)
+    tok = m.tokenizer
+    records = load_records(cfg.data, cfg.split, [cfg.article_field, cfg.reference_field], cfg.n_samples)
+    prompts = [article_prompt_ids(tok, r[cfg.article_field], cfg.prompt_template, cfg.max_article_tokens,
+                                  cfg.add_special_tokens) for r in records]
+    refs = [r[cfg.reference_field].strip() for r in records]
+    targets = match_targets(cfg.match, cfg.ratio, m, prompts)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, temperature=cfg.temperature,
+                              top_p=cfg.top_p, seed=cfg.seed, eos_token_id=tok.eos_token_id if cfg.stop_at_eos else None)
+
+    preds: dict[str, list[str]] = {}
+    trs: dict[str, list[float]] = {}
+    for name in tqdm(cfg.methods, desc="summarization", disable=not progress):
+        gens = generate_matched(name, m, prompts, targets, sampling, batch_size=cfg.batch_size,
+                                options=cfg.method_options.get(name), kv_prefill=cfg.kv_prefill, progress=progress)
+        preds[name] = [tok.decode(g[0].ids, skip_special_tokens=True).strip() for g in gens]
+        trs[name] = [g[0].tr for g in gens]
+
+    scorer = (BertScorer(cfg.bertscore_model, cfg.bertscore_layers, cfg.bertscore_batch_size, m.lm.device)
+              if cfg.bertscore_model else None)
+    methods = {}
+    for name in cfg.methods:
+        # base and fixed-rule UMIM are not driven: their target is what they achieve
+        asked = trs[name] if name in ("base", "umim") else targets
+        row = {"target_tr": sum(asked) / len(asked), "tr": sum(trs[name]) / len(trs[name]),
+               "max_tr_gap": max(abs(a - b) for a, b in zip(trs[name], asked))}
+        row.update(rouge(preds[name], refs))
+        row["avg"] = sum(row[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")) / 4
+        row["bertscore"] = scorer.f1(preds[name], refs) if scorer else math.nan
+        methods[name] = row
+    examples = [{"reference": refs[i], "prompt_tokens": len(prompts[i]), "target_tr": targets[i],
+                 "predictions": {n: preds[n][i] for n in cfg.methods}, "tr": {n: trs[n][i] for n in cfg.methods}}
+                for i in range(len(records))]
+    result = {"config": asdict(cfg), "methods": methods, "examples": examples, "wall_s": time.perf_counter() - t0}
+    if cfg.out_dir:
+        write_results(result, cfg.out_dir, "summarization", summarize_table(result))
+    return result
+
+
+def summarize_table(result: dict) -> str:
+    """Table 5's shape: Methods | TR (%) | Rouge-1 | Rouge-2 | Rouge-L | Rouge-Lsum | Avg | BERTScore
+    (TR = achieved mean; ROUGE and BERTScore F1 in percent)."""
+    rows = []
+    for name, r in result["methods"].items():
+        rows.append([DISPLAY.get(name, name), pct(r["tr"], 1), fmt(r["rouge1"]), fmt(r["rouge2"]), fmt(r["rougeL"]),
+                     fmt(r["rougeLsum"]), fmt(r["avg"]), fmt(r["bertscore"])])
+    return markdown_table(["Methods", "TR (%)", "Rouge-1", "Rouge-2", "Rouge-L", "Rouge-Lsum", "Avg", "BERTScore"], rows)
