@@ -72,3 +72,41 @@ metric_list:
   - metric: acc
 """)
     return name
+
+
+# -- offline stand-ins for CNN/DM and AIME/AMC (``data: local:NAME`` in the runner configs) -------------
+def pydoc_lead_summaries(n: int | None = None) -> list[dict]:
+    """Lead-sentence summarization from Python's help topics: ``highlights`` is a topic's first
+    sentence, ``article`` the rest of the topic (the "lead" baseline turned into a reference, as
+    CNN/DM highlights restate an article's lead)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        body = [ln for ln in topics[key].splitlines()[1:] if set(ln.strip()) - set("*=-")]  # drop the title
+        sents = _SENT.split(" ".join(" ".join(body).split()))
+        if len(sents) >= 4 and 6 <= len(sents[0].split()) <= 60:
+            out.append({"article": " ".join(sents[1:]), "highlights": sents[0]})
+    return out[:n] if n is not None else out
+
+
+def arithmetic_problems(n: int | None = 30, seed: int = 0) -> list[dict]:
+    """Small word problems with integer answers (``problem``, ``answer``): exercises the math
+    runner's prompting, sampling, ``\\boxed{}`` extraction and pass@k offline."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(30 if n is None else n):
+        a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+        kind = rng.randrange(3)
+        if kind == 0:
+            q, ans = f"A shelf holds {a} books and {b} more are added. How many books are on the shelf?", a + b
+        elif kind == 1:
+            q, ans = f"Each of {c} boxes holds {a} pens. How many pens are there in all?", a * c
+        else:
+            q, ans = f"Sam had {a + b} marbles and gave away {b}. How many marbles does Sam have left?", a
+        out.append({"problem": q, "answer": str(ans)})
+    return out
+
+
+LOCAL_SETS = {"pydoc_lead": pydoc_lead_summaries, "arithmetic": arithmetic_problems}
+"""``local:NAME`` data specs of the summarization and math runners."""

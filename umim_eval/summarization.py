@@ -123,8 +123,15 @@ class SummarizeConfig:
 
 def load_records(data: str, split: str, fields: list[str], n: int | None = None) -> list[dict]:
     """The first ``n`` records of a hub dataset (``hf:PATH[:CONFIG]``) or a local ``.jsonl`` file,
-    each reduced to ``fields`` (values as strings)."""
-    if data.startswith("hf:"):
+    each reduced to ``fields`` (values as strings); ``local:NAME`` is a built-in offline set of
+    :data:`umim_eval.local_tasks.LOCAL_SETS`."""
+    if data.startswith("local:"):
+        from .local_tasks import LOCAL_SETS
+
+        if data[6:] not in LOCAL_SETS:
+            raise ValueError(f"unknown local data set {data!r}; choose from {['local:' + k for k in LOCAL_SETS]}")
+        rows = LOCAL_SETS[data[6:]](n)
+    elif data.startswith("hf:"):
         import datasets
 
         path, _, config = data[3:].partition(":")
