@@ -203,6 +203,22 @@ def test_compressor_at_ratio_zero_equals_plain(tiny):
         UMIMLM(pretrained=tiny["lm"], device="cpu", compressor="select_context")
 
 
+@pytest.fixture(scope="module")
+def generation_results(tiny, tmp_path_factory):
+    """Summarization and math results of the tiny model on the built-in offline sets."""
+    from umim_eval.math_reasoning import MathConfig, MathDataset, run_math
+    from umim_eval.summarization import SummarizeConfig, run_summarize
+
+    out = tmp_path_factory.mktemp("gen")
+    summ = run_summarize(SummarizeConfig(data="local:pydoc_lead", n_samples=2, max_article_tokens=40, max_new_tokens=6,
+                                         methods=["base", "umim", "select_context"], bertscore_model=None,
+                                         out_dir=str(out / "summarize")), progress=False, merged_lm=tiny["m"])
+    math_ = run_math(MathConfig(datasets={"arithmetic": MathDataset("local:arithmetic", question_field="problem")},
+                                n_problems=2, k=2, n=2, max_new_tokens=6, chat_template=False, batch_size=2,
+                                methods=["base", "umim"], out_dir=str(out / "math")), progress=False, merged_lm=tiny["m"])
+    return summ, math_
+
+
 # -- CLI and notebooks ---------------------------------------------------------------------------------
 def test_cli_writes_json_and_table(tiny, tmp_path, capsys):
     from umim_eval.cli import main
@@ -217,7 +233,7 @@ def test_cli_writes_json_and_table(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["tr_vs_quality", "task_results"])
-def test_notebook_executes_headless(name, tiny, compare_result, qa_result, tmp_path, monkeypatch):
+def test_notebook_executes_headless(name, tiny, compare_result, qa_result, generation_results, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from umim_eval.results import write_results
@@ -225,10 +241,12 @@ def test_notebook_executes_headless(name, tiny, compare_result, qa_result, tmp_p
     results = tmp_path / "results"
     write_results(compare_result, results / "compare", "compare")
     write_results(qa_result, results / "qa", "qa")
+    write_results(generation_results[0], results / "summarize", "summarization")
+    write_results(generation_results[1], results / "math", "math")
     monkeypatch.setenv("UMIM_RESULTS", str(results))
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     figures = sorted(p.name for p in (results / "figures").glob("*.png"))
-    assert figures == (["tr_vs_ppl.png"] if name == "tr_vs_quality" else ["qa.png"])
+    assert figures == (["tr_vs_ppl.png"] if name == "tr_vs_quality" else ["math.png", "qa.png", "summarize.png"])
     assert np.all([p.stat().st_size > 1000 for p in (results / "figures").glob("*.png")])

@@ -40,7 +40,7 @@ RUNNERS: dict[str, tuple[str, str, str, str, str]] = {
     # subcommand: (module, settings dataclass, run function, table function, result file name)
     "ppl": ("umim_eval.language_modeling", "PPLConfig", "run_ppl", "ppl_table", "ppl"),
     "gen-quality": ("umim_eval.gen_quality", "GenQualityConfig", "run_gen_quality", "gen_quality_tables", "gen_quality"),
-    "summarize": ("umim_eval.summarization", "SummarizeConfig", "run_summarize", "summarize_table", "summarize"),
+    "summarize": ("umim_eval.summarization", "SummarizeConfig", "run_summarize", "summarize_table", "summarization"),
     "math": ("umim_eval.math_reasoning", "MathConfig", "run_math", "math_table", "math"),
     "compare": ("umim_eval.compare", "CompareConfig", "run_compare", "compare_table", "compare"),
     "qa": ("umim_eval.qa", "QAConfig", "run_qa", "qa_table", "qa"),
@@ -82,7 +82,7 @@ def run_command(command: str, argv: list[str]) -> int:
     mod = importlib.import_module(module)
     result = getattr(mod, run_name)(cfg)
     table = getattr(mod, table_name)(result)
-    paths = write_results(result, cfg.out_dir, file_name, table)
+    paths = write_results(result, cfg.out_dir or f"results/{file_name}", file_name, table)
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
