@@ -240,6 +240,10 @@ class MathConfig:
     out_dir: str | None = "results/math"
     """Where ``math.json`` and ``math.md`` are written; None writes nothing."""
 
+    def __post_init__(self):
+        # YAML / command-line configs give each dataset as a mapping
+        self.datasets = {k: MathDataset(**v) if isinstance(v, dict) else v for k, v in self.datasets.items()}
+
 
 def problem_prompt_ids(tokenizer, problem: str, template: str, chat_template: bool = True) -> list[int]:
     """[P] prompt ids of one problem (one user turn of the chat template when used and available)."""
