@@ -4,11 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from umim.cli import UMIMCLI
+from umim.cli import UMIMCLI, names_model_class
 from umim.datamodule import UMIMDataModule
 from umim.distillation import UMIMDistillation
 
-CONF = sorted((Path(__file__).parents[1] / "conf").glob("*.yaml"))
+# UMIM's configs; those that pick another LightningModule by class_path (conf/ktoken.yaml) are parsed
+# by the tests of that module
+CONF = sorted(p for p in (Path(__file__).parents[1] / "conf").glob("*.yaml") if not names_model_class(["--config", str(p)]))
 
 
 class ParseOnlyCLI(UMIMCLI):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -16,7 +17,48 @@ class UMIMCLI(LightningCLI):
     """LightningCLI with the LM spec shared between model and data (one place in the config)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.lm", "data.lm", apply_on="parse")
+        if self.subclass_mode_model:  # model and data picked by class_path (e.g. conf/ktoken.yaml)
+            parser.link_arguments("model.init_args.lm", "data.init_args.lm", apply_on="parse")
+        else:
+            parser.link_arguments("model.lm", "data.lm", apply_on="parse")
+
+
+def names_model_class(args: list[str]) -> bool:
+    """True when the command line or one of its ``--config`` files picks the LightningModule by
+    ``class_path`` (e.g. ``conf/ktoken.yaml``); UMIM's own configs give UMIMDistillation's settings."""
+    import yaml
+
+    configs = []
+    for i, a in enumerate(args):
+        if a in ("--model", "--model.class_path") or a.startswith(("--model=", "--model.class_path=")):
+            return True
+        if a in ("--config", "-c") and i + 1 < len(args):
+            configs.append(args[i + 1])
+        elif a.startswith("--config="):
+            configs.append(a.partition("=")[2])
+    for path in configs:
+        try:
+            cfg = yaml.safe_load(Path(path).read_text())
+        except OSError:
+            continue  # LightningCLI reports the missing file itself
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and "class_path" in cfg["model"]:
+            return True
+    return False
+
+
+def build_cli(args: list[str] | None, cli_class: type[UMIMCLI] = UMIMCLI, **kwargs) -> UMIMCLI:
+    """The ``umim fit/validate/test`` CLI for ``args`` (None: ``sys.argv``).
+
+    Configs without a model ``class_path`` train UMIM (:class:`UMIMDistillation` +
+    :class:`UMIMDataModule`, their settings given directly). A config that names its model and data
+    by ``class_path`` (another compressor, e.g. ``umim.ktoken_training.KTokenDistillation``) is parsed
+    in subclass mode.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    if names_model_class(argv):
+        return cli_class(None, None, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)
+    return cli_class(UMIMDistillation, UMIMDataModule, args=args, **kwargs)
 
 
 def mine_main(argv: list[str]) -> int:
@@ -126,12 +168,7 @@ def main(argv: list[str] | None = None) -> int | None:
         return mine_main(args[1:])
     if args and args[0] == "generate":
         return generate_main(args[1:])
-    UMIMCLI(
-        UMIMDistillation,
-        UMIMDataModule,
-        args=None if argv is None else args,  # None: LightningCLI reads sys.argv itself
-        save_config_kwargs={"overwrite": True},
-    )
+    build_cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
     return 0
 
 

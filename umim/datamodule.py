@@ -129,7 +129,7 @@ class UMIMDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         tok = self.get_tokenizer()
-        self.rules = MergeRules.load(self.rules_path, tokenizer=tok)
+        self.rules = self.load_rules()
         rng = np.random.default_rng(self.seed)
         for split, cap in (("train", self.max_train_blocks), ("validation", self.max_eval_blocks), ("test", self.max_eval_blocks)):
             blocks = pack_blocks(*self._tokens(split), self.block_size, tok.eos_token_id)
@@ -139,13 +139,21 @@ class UMIMDataModule(L.LightningDataModule):
                 blocks = blocks[np.sort(rng.choice(len(blocks), cap, replace=False))]
             self.blocks[split] = blocks
 
+    def load_rules(self) -> MergeRules | None:
+        """The rules batches are segmented with (a subclass that segments otherwise may return None)."""
+        return MergeRules.load(self.rules_path, tokenizer=self.get_tokenizer())
+
     # -- loaders -----------------------------------------------------------------------------------
+    def collator(self):
+        """Collate function of every loader: stack the blocks and segment them with the rules."""
+        return SegmentCollator(self.rules)
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(
             list(self.blocks[split]),
             batch_size=batch_size,
             shuffle=shuffle,
-            collate_fn=SegmentCollator(self.rules),
+            collate_fn=self.collator(),
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )

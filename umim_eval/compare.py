@@ -32,7 +32,7 @@ from umim.generation import MergedLM
 
 from .baselines.policy_generate import eager_attention
 from .compressed_inputs import continuation_nll_from, prompt_inputs
-from .methods import is_kv_policy, make_method
+from .methods import LABELS, is_kv_policy, make_method
 from .results import fmt, markdown_table, pct
 
 
@@ -127,15 +127,15 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     for target, name in tqdm(jobs, desc="compare", disable=not progress):
         if target != "umim" and name == "umim":
             continue  # fixed rules have no TR knob: the umim_budget method covers fixed levels
-        opts = dict(cfg.method_options.get(name, {}))
-        if name in ("umim", "umim_budget"):
-            opts["merged_lm"] = m
+        # built once (a method may load a model), re-aimed per example through its ratio knob
+        method = make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
         nll, trs, asked = 0.0, [], []
         for i, (ctx, tgt) in enumerate(examples):
             want = umim_tr[i] if target == "umim" else float(target)
-            method = make_method(name, want, **opts)
             if is_kv_policy(method):  # same final cache as a context reduced by `want`
                 method.ratio = want * len(ctx) / (len(ctx) + len(tgt) - 1)
+            elif name != "umim":
+                method.ratio = want
             s, tr = _score(method, m, ctx, tgt)
             nll, trs, asked = nll + s, trs + [tr], asked + [want]
         rows.append({"target": target, "method": name, "target_tr": sum(asked) / len(asked),
@@ -151,7 +151,7 @@ def compare_table(result: dict) -> str:
     rows = [["Base LM", "–", "–", "–", fmt(base["ppl"], 3), "–"]]
     for r in result["rows"]:
         level = "UMIM's TR" if r["target"] == "umim" else pct(float(r["target"]), 0) + "%"
-        rows.append([r["method"], level, pct(r["target_tr"]), pct(r["achieved_tr"]), fmt(r["ppl"], 3),
+        rows.append([LABELS.get(r["method"], r["method"]), level, pct(r["target_tr"]), pct(r["achieved_tr"]), fmt(r["ppl"], 3),
                      f"{r['ppl'] - base['ppl']:+.3f}"])
     return markdown_table(["Method", "Matched to", "Target TR (%)", "Achieved TR (%)", "PPL", "ΔPPL"], rows)
 

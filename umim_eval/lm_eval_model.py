@@ -36,7 +36,8 @@ Baselines and other compressors (``compressor=NAME``, a name of :data:`umim_eval
 that reduces prompts, e.g. ``select_context``, ``llmlingua2``, ``quickmerge``): for
 ``loglikelihood`` the context is reduced by that method and the continuation scored unmerged, as
 above. ``ratio=umim`` (the default when rules are given) drives the method, per request, to the TR
-the rules give on that context (the paper's matched-TR protocol); ``ratio=0.1`` fixes it. Requests
+the rules give on that context (the paper's matched-TR protocol); ``ratio=0.1`` fixes it;
+``compressor_path=`` names a trained compressor's folder (``ktoken``). Requests
 are scored one at a time on this path (a compressor may return embeddings, not ids).
 
 Token reduction: every request adds its original and compressed position counts (what the LM was
@@ -87,6 +88,7 @@ class UMIMLM(HFLM):
     def __init__(self, pretrained="embedded", merger: str | None = None, rules: str | None = None,
                  run_dir: str | None = None, merge: str | None = None, device: str | None = None,
                  gguf_file: str | None = None, compressor: str | None = None, ratio: str | float | None = None,
+                 compressor_path: str | None = None,
                  **kwargs):
         if isinstance(pretrained, str):
             pretrained, extra = resolve(LMSpec(pretrained, gguf_file=gguf_file))
@@ -114,6 +116,8 @@ class UMIMLM(HFLM):
         self.merge = merge
         self.umim = MergedLM(self.model, tok, loaded_merger, loaded_rules)
         self.compressor, self.ratio = compressor, self._check_ratio(compressor, ratio, loaded_rules)
+        self.compressor_options = {"path": compressor_path} if compressor_path else {}
+        self._method = None
         self.umim_paths = {"merger": str(merger) if merger else None, "rules": str(rules) if rules else None}
         self._counts = {k: [0, 0] for k in KINDS}  # [original, compressed] positions fed
         self._kind = "loglikelihood"
@@ -262,8 +266,11 @@ class UMIMLM(HFLM):
             full = (ctx + cont)[-(self.max_length + 1):]  # HFLM's left truncation
             ctx = full[: len(full) - len(cont)]
             ratio = 1.0 - len(self.umim.rules.segment(ctx)) / len(ctx) if self.ratio == "umim" else self.ratio
-            method = make_method(self.compressor, ratio, **({"merged_lm": self.umim}
-                                                             if self.compressor.startswith("umim") else {}))
+            if self._method is None:  # built once (a method may load a model), re-aimed per request
+                self._method = make_method(self.compressor, 0.0, merged_lm=self.umim, **self.compressor_options)
+            method = self._method
+            if method.ratio is not None:
+                method.ratio = ratio
             if is_kv_policy(method):
                 raise ValueError(f"{self.compressor} is a KV-cache policy; QA scoring takes prompt compressors")
             with eager_attention(self.model, getattr(method, "needs_attentions", False)):

@@ -30,9 +30,16 @@ from tqdm.auto import tqdm
 
 from umim.generation import SamplingConfig
 
+from .methods import LABELS
 from .results import markdown_table, pct, write_results
-from .summarization import (DISPLAY, MATCHES, generate_matched, load_merged_lm, load_records, match_targets,
-                            model_context)
+from .summarization import (
+    MATCHES,
+    generate_matched,
+    load_merged_lm,
+    load_records,
+    match_targets,
+    model_context,
+)
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -286,7 +293,7 @@ def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:
     """
     _check(cfg)
     t0 = time.perf_counter()
-    needs_umim = "umim" in cfg.methods or cfg.match != "fixed"
+    needs_umim = bool({"umim", "umim_budget"} & set(cfg.methods)) or cfg.match != "fixed"
     m = merged_lm or load_merged_lm(cfg.lm, cfg.dtype, cfg.device, cfg.run_dir, cfg.merger, cfg.rules, needs_umim)
     tok = m.tokenizer
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
@@ -342,7 +349,7 @@ def math_table(result: dict) -> str:
     methods = list(dict.fromkeys(mn for d in names for mn in result["results"][d]))
     rows = []
     for mn in methods:
-        row = [DISPLAY.get(mn, mn)]
+        row = [LABELS.get(mn, mn)]
         for d in names:
             r = result["results"][d].get(mn)
             row += ["–", "–"] if r is None else [r["solved"], "–" if mn == "base" else pct(r["tr"])]

@@ -1,9 +1,12 @@
 """Registry of compression methods by name, so runners and YAML configs name methods as strings.
 
-Every entry is built as ``make_method(name, ratio, **options)`` where ``ratio`` is the target
-token reduction (the one knob); ``base`` is the uncompressed LM (``None``) and ``umim`` the
-fixed-rule merger (needs ``merged_lm=``; its TR is what the rules give). Entries are
-``"module:Class"`` strings imported on first use, so listing methods costs nothing.
+Every entry is built as ``make_method(name, ratio, merged_lm=m, **options)`` where ``ratio`` is
+the target token reduction (the one knob). ``base`` is the uncompressed LM (``None``); ``umim``
+is the fixed-rule merger (its TR is what the rules give, ``ratio`` is ignored); ``umim_budget``
+uses the same merger and rules at a set TR; ``ktoken`` loads a trained encoder folder given as
+``options["path"]``. Runners build a method once and re-aim it per example by setting
+``method.ratio``. Entries are ``"module:Class"`` strings imported on first use, so listing methods
+costs nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ METHODS: dict[str, str] = {
     "llmlingua1": "umim_eval.baselines.llmlingua1:LLMLingua1",
     "llmlingua2": "umim_eval.baselines.llmlingua2:LLMLingua2",
     "quickmerge": "umim_eval.baselines.quickmerge:QuickMerge",
+    "ktoken": "umim_eval.baselines.ktoken_merge:KTokenMerge",
     "streaming_llm": "umim_eval.baselines.streaming_llm:StreamingLLM",
     "h2o": "umim_eval.baselines.h2o:H2O",
 }
@@ -30,14 +34,34 @@ def method_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def make_method(name: str, ratio: float | None = None, **options):
-    """Build method ``name`` at target TR ``ratio`` (``base`` -> ``None``, the plain LM)."""
+LABELS = {"base": "Base LM", "umim": "Merge Module (UMIM)", "umim_budget": "UMIM, adaptive budget",
+          "select_context": "Select Context", "llmlingua1": "LLMLingua1", "llmlingua2": "LLMLingua2",
+          "quickmerge": "QuickMerge++", "ktoken": "K-Token Merging", "streaming_llm": "StreamingLLM", "h2o": "H2O"}
+"""Method name -> its row label in the result tables (unknown names are shown as they are)."""
+
+USES_MERGED_LM = ("umim", "umim_budget")
+"""Methods built on the run's merger and rules (``merged_lm=``)."""
+
+
+def make_method(name: str, ratio: float | None = None, merged_lm=None, **options):
+    """Build method ``name`` at target TR ``ratio`` (``base`` -> ``None``, the plain LM).
+
+    ``merged_lm`` (a :class:`umim.generation.MergedLM`) supplies the merger and rules of the UMIM
+    methods and the target LM that ``ktoken`` loads its encoder for; other methods ignore it.
+    """
     if name == "base":
         return None
     cls = method_class(name)
-    if name == "umim":
-        return cls(**options)
-    return cls(ratio=ratio if ratio is not None else 0.0, **options)
+    ratio = 0.0 if ratio is None else ratio
+    if name in USES_MERGED_LM:
+        if merged_lm is None or merged_lm.merger is None or merged_lm.rules is None:
+            raise ValueError(f"method {name!r} needs a merger and rules (run_dir, or merger + rules)")
+        return cls(merged_lm=merged_lm, **options) if name == "umim" else cls(merged_lm=merged_lm, ratio=ratio, **options)
+    if name == "ktoken":
+        if "path" not in options or merged_lm is None:
+            raise ValueError("method 'ktoken' needs method_options {ktoken: {path: FOLDER}} (a trained encoder)")
+        return cls.load(options.pop("path"), merged_lm.lm, merged_lm.tokenizer, ratio=ratio, **options)
+    return cls(ratio=ratio, **options)
 
 
 def is_kv_policy(method) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from .methods import LABELS
 from .results import fmt, markdown_table, pct
 
 
@@ -95,10 +96,6 @@ def run_qa(cfg: QAConfig) -> dict:
             rows[method][task] = {"acc": res.get("acc,none"), "acc_stderr": res.get("acc_stderr,none"),
                                   "tr": model.token_reduction if method != "base" else None}
     return {"config": asdict(cfg), "tasks": tasks, "rows": rows, "wall_s": time.perf_counter() - t0}
-
-
-LABELS = {"base": "Base LM", "umim": "Merge Module", "select_context": "Select Context",
-          "llmlingua1": "Llmlingua1", "llmlingua2": "Llmlingua2"}
 
 
 def qa_table(result: dict) -> str:

@@ -41,14 +41,11 @@ from umim.lm import LMSpec
 
 from .baselines.policy_generate import eager_attention, policy_generate
 from .compressed_inputs import generate_from, prompt_inputs
-from .methods import is_kv_policy, make_method
+from .methods import LABELS, is_kv_policy, make_method
 from .results import fmt, markdown_table, pct, write_results
 
 MATCHES = ("per_example", "mean", "fixed")
 
-DISPLAY = {"base": "Base LM", "umim": "Merge Module (UMIM)", "select_context": "Select Context",
-           "llmlingua1": "LLMLingua1", "llmlingua2": "LLMLingua2", "streaming_llm": "StreamingLLM", "h2o": "H2O"}
-"""Method name -> its row label in the tables (unknown names are shown as they are)."""
 
 
 @dataclass
@@ -236,14 +233,12 @@ def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: 
     if len(targets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     opts = dict(options or {})
-    if name == "umim":
-        opts["merged_lm"] = m
     lm, tok, G = m.lm, m.tokenizer, sampling.max_new_tokens
     context = model_context(lm)
     eos = sampling.eos_token_id
     out: list[list[Generated]] = [[] for _ in prompts]
     # built once (a compressor may load a model), then re-aimed per prompt through its ratio knob
-    method = make_method(name, 0.0, **opts)
+    method = make_method(name, 0.0, merged_lm=m, **opts)
     driven = method is not None and getattr(method, "ratio", None) is not None
     if is_kv_policy(method):
         bar = tqdm(total=len(prompts) * n_samples, desc=name, disable=not progress, leave=False)
@@ -318,7 +313,7 @@ def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: Merged
 
     _check(cfg)
     t0 = time.perf_counter()
-    needs_umim = "umim" in cfg.methods or cfg.match != "fixed"
+    needs_umim = bool({"umim", "umim_budget"} & set(cfg.methods)) or cfg.match != "fixed"
     m = merged_lm or load_merged_lm(cfg.lm, cfg.dtype, cfg.device, cfg.run_dir, cfg.merger, cfg.rules, needs_umim)
     tok = m.tokenizer
     records = load_records(cfg.data, cfg.split, [cfg.article_field, cfg.reference_field], cfg.n_samples)
@@ -363,6 +358,6 @@ def summarize_table(result: dict) -> str:
     (TR = achieved mean; ROUGE and BERTScore F1 in percent)."""
     rows = []
     for name, r in result["methods"].items():
-        rows.append([DISPLAY.get(name, name), pct(r["tr"], 1), fmt(r["rouge1"]), fmt(r["rouge2"]), fmt(r["rougeL"]),
+        rows.append([LABELS.get(name, name), pct(r["tr"], 1), fmt(r["rouge1"]), fmt(r["rouge2"]), fmt(r["rougeL"]),
                      fmt(r["rougeLsum"]), fmt(r["avg"]), fmt(r["bertscore"])])
     return markdown_table(["Methods", "TR (%)", "Rouge-1", "Rouge-2", "Rouge-L", "Rouge-Lsum", "Avg", "BERTScore"], rows)

@@ -229,7 +229,11 @@ def budget_curve(lm, tokenizer, merged_lm: MergedLM, texts: list[str], ratios: l
     over prompts), ``nll`` (nats per target token, pooled), ``ppl`` (``exp(nll)``), ``n_texts``,
     ``n_short`` (prompts more than 2 TR points short of the target, with rules too sparse).
     """
-    from umim_eval.compressed_inputs import PromptInputs, continuation_nll_from, prompt_inputs
+    from umim_eval.compressed_inputs import (
+        PromptInputs,
+        continuation_nll_from,
+        prompt_inputs,
+    )
 
     from .umim_merge import UMIMMerge
 
