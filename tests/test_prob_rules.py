@@ -200,3 +200,36 @@ def test_bad_inputs(tok):
         mine_model_prob_rules(lm, tok, ids, off, head="first", progress=False)
     with pytest.raises(MiningError, match="no span"):
         mine_model_prob_rules(lm, tok, ids, off, min_count=50, progress=False)
+
+
+def test_cli_mines_model_prob_rules(tok, tmp_path, capsys):
+    """``umim mine --model-prob T`` on a saved tiny Llama and a local text file: a threshold of 1e-9
+    makes every token confident, so every document yields its 4-token pieces (``long_runs='split'``);
+    an impossible threshold is a clear error and writes nothing."""
+    from umim.cli import mine_main
+
+    lm = _wired_llama(len(tok))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n\nonce upon a time in the forest\n")
+    out = tmp_path / "rules"
+    rc = mine_main(["--tokenizer", str(tmp_path / "lm"), "--data", str(corpus), "--split", "train",
+                    "--model-prob", "1e-9", "--out", str(out)])
+    assert rc == 0 and "model-probability rules (p > 1e-09)" in capsys.readouterr().out
+    rules = MergeRules.load(out, tokenizer=tok)
+    assert rules.min_count == 1 and not rules.filters
+    docs = [tok(t, add_special_tokens=False)["input_ids"] for t in corpus.read_text().split("\n\n")]
+    # every document's tokens after the first (which has no context) are confident: pieces of 4
+    expected = Counter()
+    for d in docs:
+        run = d[1:]
+        for i in range(0, len(run), 4):
+            piece = tuple(run[i : i + 4])
+            if len(piece) >= 2:
+                expected[piece] += 1
+    got = Counter({tuple(g): int(c) for n in rules.ngrams for g, c in zip(rules.ngrams[n].tolist(), rules.counts[n])})
+    assert got == expected
+    bad = mine_main(["--tokenizer", str(tmp_path / "lm"), "--data", str(corpus), "--split", "train",
+                     "--model-prob", "1.5", "--out", str(tmp_path / "bad")])
+    assert bad == 2 and "threshold" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -80,7 +80,14 @@ def mine_main(argv: list[str]) -> int:
                    help="overlap filter stages (default: intra inter, as in the paper)")
     p.add_argument("--no-filter", action="store_true", help="keep every candidate (same as --filters with none)")
     p.add_argument("--out", required=True, help="output directory (rules.json + rules.safetensors)")
+    p.add_argument("--model-prob", type=float, default=None, metavar="THRESHOLD",
+                   help="mine model-probability (CD-LM, App. G.4) rules instead: spans whose tokens the LM "
+                        "predicts with p > THRESHOLD (paper: 0.5); --tokenizer names the LM. --min-count "
+                        "then defaults to 1 and --filters to none")
+    p.add_argument("--max-tokens", type=int, default=0, help="use only the first N corpus tokens (0 = all)")
     a = p.parse_args(argv)
+    if a.model_prob is not None:
+        return _mine_model_prob(a, argv)
 
     t0 = time.perf_counter()
     tok = load_tokenizer(LMSpec(a.tokenizer, a.gguf_file))
@@ -102,6 +109,39 @@ def mine_main(argv: list[str]) -> int:
         removed = ", ".join(f"-{d.get(n, 0):,} by {s}" for s, d in rules.removed_by_filter.items())
         print(f"  {n}-grams: {k:,}" + (f" ({removed})" if removed else ""))
     print(f"wall time: tokenize {t1 - t0:.1f} s, count+filter {t2 - t1:.2f} s; saved to {a.out}")
+    return 0
+
+
+def _mine_model_prob(a, argv: list[str]) -> int:
+    """``umim mine --model-prob T``: one batched forward per block of the corpus."""
+    import numpy as np
+
+    from .corpus import load_documents, tokenize_documents
+    from .lm import LMSpec, load_lm, load_tokenizer
+    from .mining import MiningError
+    from .prob_rules import mine_model_prob_rules
+
+    spec = LMSpec(a.tokenizer, a.gguf_file)
+    t0 = time.perf_counter()
+    tok, lm = load_tokenizer(spec), load_lm(spec)
+    ids, offsets = tokenize_documents(load_documents(a.data, a.split), tok)
+    if a.max_tokens:
+        keep = int(np.searchsorted(offsets, a.max_tokens, side="right"))  # whole documents only
+        offsets = offsets[: max(keep, 2)]
+        ids = ids[: offsets[-1]]
+    min_count = a.min_count if "--min-count" in argv else 1
+    filters = a.filters if "--filters" in argv else []
+    try:
+        rules = mine_model_prob_rules(lm, tok, ids, offsets, threshold=a.model_prob, min_n=a.min_n, max_n=a.max_n,
+                                      min_count=min_count, filters=[] if a.no_filter else filters,
+                                      corpus=f"{a.data}:{a.split}")
+    except MiningError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rules.save(a.out)
+    print(f"model-probability rules (p > {a.model_prob}) from {len(ids):,} tokens: "
+          + ", ".join(f"{n}-grams {k:,}" for n, k in rules.num_rules().items()))
+    print(f"wall time {time.perf_counter() - t0:.1f} s; saved to {a.out}")
     return 0
 
 
