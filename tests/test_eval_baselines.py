@@ -129,11 +129,26 @@ def test_cache_never_exceeds_budget(lm, ids, cls, schedule):
         assert pos.shape[-1] == int(r.cache_len[-1]) and (pos.diff(dim=-1) > 0).all()
 
 
-@pytest.mark.parametrize("schedule", ["proportional", "fixed"])
+@pytest.mark.parametrize("cls", KV_POLICIES)
+def test_prompt_schedule_reduces_only_the_prompt(lm, ids, cls):
+    """``prompt``: while the first P tokens are read the cache loses round(ratio * seen) entries; after
+    them the deficit stays round(ratio * P): the cache of a prompt reduced by ``ratio``, then unreduced."""
+    P, ratio = L // 2, 0.4
+    r = policy_nll(lm, ids, cls(ratio=ratio), schedule="prompt", prompt_len=P, step_by_step=True)
+    seen = torch.arange(1, L)
+    deficit = torch.tensor([n_removed(ratio, min(int(n), P)) for n in seen])
+    want = torch.maximum(seen - deficit, torch.minimum(seen, torch.tensor(cls(ratio=ratio).min_entries)))
+    assert torch.equal(r.cache_len, want)
+    assert abs((L - 1 - int(r.cache_len[-1])) / P - ratio) <= 0.02  # TR on the prompt scale
+    with pytest.raises(ValueError, match="prompt_len"):
+        policy_nll(lm, ids, cls(ratio=ratio), schedule="prompt")
+
+
+@pytest.mark.parametrize("schedule", ["proportional", "fixed", "prompt"])
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_streaming_mask_equals_evicting_cache(lm, ids, ratio, schedule):
-    fast = policy_nll(lm, ids, StreamingLLM(ratio), schedule=schedule)
-    slow = policy_nll(lm, ids, StreamingLLM(ratio), schedule=schedule, step_by_step=True)
+    fast = policy_nll(lm, ids, StreamingLLM(ratio), schedule=schedule, prompt_len=L // 2)
+    slow = policy_nll(lm, ids, StreamingLLM(ratio), schedule=schedule, step_by_step=True, prompt_len=L // 2)
     torch.testing.assert_close(fast.token_nll, slow.token_nll, atol=1e-5, rtol=1e-5, equal_nan=True)
     assert torch.equal(fast.cache_len, slow.cache_len)
 

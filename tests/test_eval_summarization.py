@@ -15,6 +15,7 @@ from umim.fingerprint import tokenizer_fingerprint
 from umim.generation import MergedLM, SamplingConfig
 from umim.merger import MergeModule, MergerConfig
 from umim.rules import MergeRules
+from umim_eval.baselines.base import n_removed
 from umim_eval.baselines import H2O, StreamingLLM
 from umim_eval.baselines.policy_generate import eager_attention, policy_generate
 from umim_eval.summarization import SummarizeConfig, article_prompt_ids, run_summarize, summarize_table
@@ -75,6 +76,15 @@ def test_kv_generation_hits_tr(lm, prompt, cls, schedule):
         r = policy_generate(lm, prompt, cls(ratio=ratio), GREEDY, schedule=schedule)
         assert len(r.generated_ids) == GREEDY.max_new_tokens
         assert abs(r.tr - ratio) <= 0.02, (ratio, r.tr)
+
+
+@pytest.mark.parametrize("cls", [StreamingLLM, H2O])
+def test_prompt_schedule_keeps_the_generation(lm, prompt, cls):
+    """Only the prompt is reduced: round(ratio * P) entries evicted, one entry per generated token."""
+    for ratio in (0.2, 0.5):
+        r = policy_generate(lm, prompt, cls(ratio=ratio), GREEDY, schedule="prompt")
+        assert r.n_seen - r.cache_len == n_removed(ratio, len(prompt))
+        assert abs((r.n_seen - r.cache_len) / len(prompt) - ratio) <= 0.02
 
 
 def test_eviction_changes_the_text_and_eos_stops_it(lm, prompt):

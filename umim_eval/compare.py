@@ -14,9 +14,10 @@ Matching (``targets``):
   replaced by its adaptive-budget variant when that method is registered.
 
 KV policies (StreamingLLM, H2O) do not shrink the prompt; they evict while reading. They read
-context + target token by token with the ``fixed`` budget sized so that the cache finally holds
-``(1 - t) * P + C`` entries, the same as a context merged to TR ``t`` followed by the unmerged
-target; their TR is then reported on the same scale (evicted entries / context tokens).
+context + target token by token under the ``prompt`` budget schedule: ``round(t * P)`` entries
+are evicted while the context is read, and the target then grows the cache by one entry per token,
+so every target token sees as many entries as after a context merged to TR ``t``; their TR is
+reported on the same scale (evicted entries / context tokens).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, 
 
         P, C = len(ctx), len(tgt)
         with eager_attention(m.lm, method.needs_attentions):
-            r = policy_nll(m.lm, ctx + tgt, method, schedule="fixed")
+            r = policy_nll(m.lm, ctx + tgt, method, schedule="prompt", prompt_len=P)
         nll = float(r.token_nll[0, P:].sum())
         evicted = (P + C - 1) - int(r.cache_len[-1])
         return nll, evicted / P
@@ -132,9 +133,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
         nll, trs, asked = 0.0, [], []
         for i, (ctx, tgt) in enumerate(examples):
             want = umim_tr[i] if target == "umim" else float(target)
-            if is_kv_policy(method):  # same final cache as a context reduced by `want`
-                method.ratio = want * len(ctx) / (len(ctx) + len(tgt) - 1)
-            elif name != "umim":
+            if name != "umim":
                 method.ratio = want
             s, tr = _score(method, m, ctx, tgt)
             nll, trs, asked = nll + s, trs + [tr], asked + [want]

@@ -260,7 +260,7 @@ class UMIMLM(HFLM):
         from .compressed_inputs import prompt_inputs
         from .methods import is_kv_policy, make_method
 
-        res = []
+        res, reduced = [], {}
         for key, ctx, cont in tqdm(requests, disable=disable_tqdm or self.rank != 0,
                                    desc=f"Running loglikelihood requests ({self.compressor})"):
             full = (ctx + cont)[-(self.max_length + 1):]  # HFLM's left truncation
@@ -273,8 +273,11 @@ class UMIMLM(HFLM):
                 method.ratio = ratio
             if is_kv_policy(method):
                 raise ValueError(f"{self.compressor} is a KV-cache policy; QA scoring takes prompt compressors")
-            with eager_attention(self.model, getattr(method, "needs_attentions", False)):
-                inp = prompt_inputs(method, self.model, self.tokenizer, ctx)
+            key_ctx = (tuple(ctx), ratio)  # the choices of one question share their context
+            if key_ctx not in reduced:
+                with eager_attention(self.model, getattr(method, "needs_attentions", False)):
+                    reduced = {key_ctx: prompt_inputs(method, self.model, self.tokenizer, ctx)}
+            inp = reduced[key_ctx]
             tgt = torch.tensor(list(cont), device=self.device)
             x = torch.cat([inp.embeds, self.model.get_input_embeddings()(tgt[:-1])])
             logits = self.model(inputs_embeds=x[None]).logits[0, inp.n_fed - 1 :]

@@ -13,9 +13,10 @@ Methods are names of :mod:`umim_eval.methods`:
   merger): the prompt becomes ``[S, d]`` input embeddings (:func:`prompt_inputs`) and Hugging Face
   ``generate`` decodes from them (:func:`generate_from`); TR = ``1 - S / prompt tokens``;
 * KV policies (``streaming_llm``, ``h2o``): the LM reads the whole prompt and evicts its cache
-  while decoding (:func:`policy_generate`, ``fixed`` budget). To hold the same memory as a prompt
-  reduced by ``t`` followed by an unmerged summary of G tokens, the final cache is sized to
-  ``(1 - t) P + G`` entries (ratio ``t P / (P + G)`` of all ``P + G`` tokens), and the TR is
+  while decoding (:func:`policy_generate`, ``prompt`` budget schedule): ``round(t P)`` entries are
+  evicted once the prompt is read and every generated token then adds one, so at every step the
+  cache holds as many entries as after a prompt reduced by ``t`` (the summary is never reduced,
+  for any method), and the TR is
   reported on the prompt scale: evicted entries / P. H2O reads attention weights, so the model is
   switched to eager attention for it (:func:`eager_attention`) and back afterwards.
 
@@ -248,11 +249,11 @@ def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: 
                 if context and P + G > context:
                     raise ValueError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
                 policy = method
-                policy.ratio = t * P / (P + G)  # final cache (1 - t) P + G entries
+                policy.ratio = t  # the prompt reduced by t, the generation kept (schedule "prompt")
                 for s in range(n_samples):
                     seed = None if sampling.seed is None else sampling.seed + i * n_samples + s
                     cfg = SamplingConfig(**{**asdict(sampling), "seed": seed})
-                    r = policy_generate(lm, p, policy, cfg, schedule="fixed", prefill=kv_prefill)
+                    r = policy_generate(lm, p, policy, cfg, schedule="prompt", prefill=kv_prefill)
                     out[i].append(Generated(r.generated_ids, (r.n_seen - r.cache_len) / P))
                     bar.update()
         bar.close()

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-SCHEDULES = ("proportional", "fixed")
+SCHEDULES = ("proportional", "fixed", "prompt")
 
 
 def check_ratio(ratio: float) -> float:
@@ -141,6 +141,10 @@ class KVPolicy(ABC):
         ``fixed``: one size for the whole text, ``n_total - round(ratio * n_total)``, as in the
         paper's StreamingLLM setup (window sized from prompt + generation length); early steps
         are then uncompressed.
+        ``prompt``: ``n_total`` is the PROMPT length P; the prompt is reduced proportionally while
+        it is read (``round(ratio * seen)`` entries evicted), and after it the cache keeps that
+        deficit of ``round(ratio * P)`` entries while the continuation grows it one entry per
+        token — the cache a prompt merged or compressed to TR ``ratio`` would hold, at every step.
         """
         if schedule == "proportional":
             raw = n_seen - n_removed(self.ratio, n_seen)
@@ -148,6 +152,10 @@ class KVPolicy(ABC):
             if n_total is None:
                 raise ValueError("the fixed schedule needs n_total")
             raw = n_total - n_removed(self.ratio, n_total)
+        elif schedule == "prompt":
+            if n_total is None:
+                raise ValueError("the prompt schedule needs n_total = the prompt length")
+            raw = n_seen - n_removed(self.ratio, min(n_seen, n_total))
         else:
             raise ValueError(f"unknown budget schedule {schedule!r}; choose from {SCHEDULES}")
         return min(n_seen, max(raw, self.min_entries))

@@ -18,6 +18,9 @@ Budget schedules (:meth:`~umim_eval.baselines.base.KVPolicy.budget`):
   hits the target when the text runs to ``max_new_tokens``; a text that stops early at EOS has seen
   fewer tokens than the budget was sized for, so its TR is lower.
 * ``proportional``: ``(1 - ratio)`` of the tokens seen so far, at every step.
+* ``prompt``: only the prompt is reduced, by ``round(ratio * L)`` entries; every generated token
+  then adds one entry, so the cache always holds what a prompt merged to TR ``ratio`` would
+  (the matched-TR runners use this: the generation is never reduced, for any method).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def policy_generate(lm, prompt_ids: list[int], policy: KVPolicy, sampling: Sampl
     sampling : decoding settings (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
         ``top_p``, ``seed``, ``eos_token_id``); default greedy, 64 tokens, no EOS.
         ``stop_strings`` are not supported here (they need a tokenizer).
-    schedule : ``"fixed"`` (budget from ``L + max_new_tokens``) or ``"proportional"``.
+    schedule : ``"fixed"`` (budget from ``L + max_new_tokens``), ``"proportional"`` or ``"prompt"``.
     prefill : ``"full"``: one forward over the prompt with full attention, then one eviction to
         the budget (how the H2O reference implementation prefills; H2O scores the prompt with all
         its queries); ``"step"``: one token per forward with an eviction after each, so later
@@ -94,7 +97,7 @@ def policy_generate(lm, prompt_ids: list[int], policy: KVPolicy, sampling: Sampl
     context = int(getattr(lm.config, "max_position_embeddings", 0) or getattr(lm.config, "n_positions", 0) or 0)
     if context and L > context:
         raise ValueError(f"prompt has {L} tokens; the model's context is {context}")
-    n_total = L + cfg.max_new_tokens
+    n_total = L if schedule == "prompt" else L + cfg.max_new_tokens  # what KVPolicy.budget reads
     eos = cfg.eos_token_id
     eos_set = set([eos] if isinstance(eos, int) else (eos or []))
     procs = cfg.processors()

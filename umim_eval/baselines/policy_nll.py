@@ -67,7 +67,8 @@ def _as_batch(ids, device) -> torch.Tensor:
     return ids.to(device)
 
 
-def visible_mask(policy: KVPolicy, L: int, schedule: str = "proportional") -> tuple[torch.Tensor, torch.Tensor]:
+def visible_mask(policy: KVPolicy, L: int, schedule: str = "proportional",
+                 prompt_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Simulate a content-free policy on positions only.
 
     Returns
@@ -82,7 +83,7 @@ def visible_mask(policy: KVPolicy, L: int, schedule: str = "proportional") -> tu
     for t in range(L - 1):
         pos = torch.cat([pos, torch.full((1, 1, 1), t)], dim=-1)
         vis[t, pos[0, 0]] = True
-        n_keep = policy.budget(t + 1, L - 1, schedule)
+        n_keep = policy.budget(t + 1, _n_total(L, schedule, prompt_len), schedule)
         if pos.shape[-1] > n_keep:
             pos = pos.gather(-1, policy.keep(0, pos, n_keep))
         lens.append(pos.shape[-1])
@@ -90,9 +91,18 @@ def visible_mask(policy: KVPolicy, L: int, schedule: str = "proportional") -> tu
 
 
 @torch.no_grad()
-def _one_forward(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> PolicyNLL:
+def _n_total(L: int, schedule: str, prompt_len: int | None) -> int:
+    """What ``budget`` reads as ``n_total``: the prompt length for ``prompt``, else ``L - 1`` steps."""
+    if schedule != "prompt":
+        return L - 1
+    if prompt_len is None or not 0 < prompt_len <= L:
+        raise ValueError(f"the prompt schedule needs prompt_len in [1, {L}], got {prompt_len}")
+    return prompt_len
+
+
+def _one_forward(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str, prompt_len: int | None) -> PolicyNLL:
     B, L = ids.shape
-    vis, lens = visible_mask(policy, L, schedule)
+    vis, lens = visible_mask(policy, L, schedule, prompt_len)
     dtype = lm.get_input_embeddings().weight.dtype
     mask = torch.zeros(B, 1, L, L, dtype=dtype, device=ids.device)
     mask.masked_fill_(~vis.to(ids.device), torch.finfo(dtype).min)
@@ -140,7 +150,7 @@ def evict(cache, pos: dict[int, torch.Tensor], policy: KVPolicy, new_pos: torch.
 
 
 @torch.no_grad()
-def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> PolicyNLL:
+def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str, prompt_len: int | None) -> PolicyNLL:
     B, L = ids.shape
     dev = ids.device
     cache = DynamicCache(config=lm.config)
@@ -154,13 +164,14 @@ def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str) -> Pol
                  position_ids=torch.full((B, 1), t, device=dev), past_key_values=cache, use_cache=True,
                  output_attentions=policy.needs_attentions)
         nll[:, t + 1] = token_nll(out.logits[:, -1:], ids[:, t + 1 : t + 2])[:, 0].cpu()
-        evict(cache, pos, policy, torch.tensor([t]), policy.budget(t + 1, L - 1, schedule),
+        evict(cache, pos, policy, torch.tensor([t]), policy.budget(t + 1, _n_total(L, schedule, prompt_len), schedule),
               out.attentions if policy.needs_attentions else None)
         lens.append(cache.get_seq_length())
     return PolicyNLL(token_nll=nll, cache_len=torch.tensor(lens), kept_positions={i: p.cpu() for i, p in pos.items()})
 
 
-def policy_nll(lm, ids, policy: KVPolicy, schedule: str = "proportional", step_by_step: bool | None = None) -> PolicyNLL:
+def policy_nll(lm, ids, policy: KVPolicy, schedule: str = "proportional", step_by_step: bool | None = None,
+               prompt_len: int | None = None) -> PolicyNLL:
     """NLL of texts scored token by token while ``policy`` evicts the KV cache.
 
     Parameters
@@ -168,9 +179,12 @@ def policy_nll(lm, ids, policy: KVPolicy, schedule: str = "proportional", step_b
     lm : a Hugging Face causal LM in eval mode (full attention; eager for policies that need attentions).
     ids : [L] or [B, L] token ids (rows of equal length, no padding), L >= 2.
     policy : the KV policy; its ``ratio`` sets the budget through ``schedule``.
-    schedule : ``"proportional"`` (budget ``(1 - ratio)`` of the tokens seen at every step) or
-        ``"fixed"`` (``(1 - ratio)`` of the whole text, the cache grows until it is full).
+    schedule : ``"proportional"`` (budget ``(1 - ratio)`` of the tokens seen at every step),
+        ``"fixed"`` (``(1 - ratio)`` of the whole text, the cache grows until it is full) or
+        ``"prompt"`` (the first ``prompt_len`` tokens reduced by ``ratio``, the rest kept; see
+        :meth:`~umim_eval.baselines.base.KVPolicy.budget`).
     step_by_step : force the step-by-step path (default: one forward when the policy allows it).
+    prompt_len : prompt length for the ``prompt`` schedule.
 
     Returns
     -------
@@ -178,4 +192,4 @@ def policy_nll(lm, ids, policy: KVPolicy, schedule: str = "proportional", step_b
     """
     ids = _as_batch(ids, lm.device)
     fast = policy.content_free and not policy.needs_attentions and not step_by_step
-    return (_one_forward if fast else _step_by_step)(lm, ids, policy, schedule)
+    return (_one_forward if fast else _step_by_step)(lm, ids, policy, schedule, prompt_len)
