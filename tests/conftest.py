@@ -43,6 +43,18 @@ def make_tiny_tokenizer(lines, vocab_size: int = 200, name: str = "tiny-bpe"):
     return fast
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they spin-wait (up to
+    100x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A tiny real tokenizer trained on ``TEXT_A``."""

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from umim.batch import AlignmentError, aligned_hidden, build_merged_batch, check_segments
+from umim.batch import (
+    AlignmentError,
+    aligned_hidden,
+    build_merged_batch,
+    check_segments,
+)
 from umim.matcher import SpanMatcher
 from umim.merger import MergeModule, MergerConfig
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from umim.corpus import CorpusError, load_documents, tokenize_documents, tokenized_corpus
+from umim.corpus import (
+    CorpusError,
+    load_documents,
+    tokenize_documents,
+    tokenized_corpus,
+)
 from umim.datamodule import pack_blocks
 from umim.fingerprint import tokenizer_fingerprint
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from umim.batch import build_merged_batch
+from umim.corpus import load_documents, tokenize_documents
 from umim.datamodule import SegmentCollator, pack_blocks
 from umim.distillation import distill_forward
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
 from umim.lm import LMSpec, load_lm, load_tokenizer
 from umim.merger import MergeModule, MergerConfig
 from umim.mining import mine_rules
-from umim.corpus import load_documents, tokenize_documents
 from umim.rules import MergeRules
 
 

@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_lm
-from umim_eval.baselines import (BASELINES, H2O, KVPolicy, SelectContext, StreamingLLM, continuation_nll, match_tr,
-                                 policy_nll, self_information, visible_mask)
+
+from umim_eval.baselines import (
+    BASELINES,
+    H2O,
+    KVPolicy,
+    SelectContext,
+    StreamingLLM,
+    continuation_nll,
+    match_tr,
+    policy_nll,
+    self_information,
+    visible_mask,
+)
 from umim_eval.baselines.base import n_removed
 
 RATIOS = (0.1, 0.3, 0.5)
@@ -57,13 +67,7 @@ def _plain_nll(lm, ids: torch.Tensor) -> torch.Tensor:
 KV_POLICIES = [StreamingLLM, H2O]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they spin-wait (100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the shared knob ------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import TEXT_A, make_tiny_lm
+
 from umim.corpus import CorpusError
 from umim.fingerprint import tokenizer_fingerprint
 from umim.merger import MergeModule, MergerConfig

@@ -11,14 +11,22 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim.fingerprint import tokenizer_fingerprint
 from umim.generation import MergedLM
 from umim.merger import MergeModule, MergerConfig
 from umim.rules import MergeRules
-from umim_eval.math_reasoning import (MathConfig, MathDataset, answers_match, extract_boxed, math_table,
-                                      normalize_answer, pass_at_k, run_math)
+from umim_eval.math_reasoning import (
+    MathConfig,
+    MathDataset,
+    answers_match,
+    extract_boxed,
+    math_table,
+    normalize_answer,
+    pass_at_k,
+    run_math,
+)
 
 
 def test_pass_at_k_equals_brute_force():

@@ -7,23 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TEXT_A, TEXT_B, make_tiny_lm
+
 from umim_eval.baselines.base import MergedPrompt, n_removed
-from umim_eval.baselines.quickmerge import (ALPHA, QuickMerge, attention_entropy, contiguous_groups,
-                                            entropy_budget)
+from umim_eval.baselines.quickmerge import (
+    ALPHA,
+    QuickMerge,
+    attention_entropy,
+    contiguous_groups,
+    entropy_budget,
+)
 from umim_eval.compressed_inputs import continuation_nll_from, prompt_inputs
 
 RATIOS = (0.1, 0.25, 0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim.corpus import load_documents, tokenize_documents
 from umim.fingerprint import tokenizer_fingerprint
 from umim.generation import MergedLM

@@ -9,16 +9,21 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim.fingerprint import tokenizer_fingerprint
 from umim.generation import MergedLM, SamplingConfig
 from umim.merger import MergeModule, MergerConfig
 from umim.rules import MergeRules
-from umim_eval.baselines.base import n_removed
 from umim_eval.baselines import H2O, StreamingLLM
+from umim_eval.baselines.base import n_removed
 from umim_eval.baselines.policy_generate import eager_attention, policy_generate
-from umim_eval.summarization import SummarizeConfig, article_prompt_ids, run_summarize, summarize_table
+from umim_eval.summarization import (
+    SummarizeConfig,
+    article_prompt_ids,
+    run_summarize,
+    summarize_table,
+)
 
 
 def _pydoc_lines(lo: int, hi: int) -> list[str]:

@@ -11,15 +11,19 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim.corpus import tokenize_documents
 from umim.fingerprint import tokenizer_fingerprint
 from umim.generation import MergedLM
 from umim.merger import MergeModule, MergerConfig
 from umim.mining import mine_rules
 from umim.rules import MergeRules
-from umim_eval.baselines.umim_budget import UMIMBudget, budget_curve, load_alignment_scores
+from umim_eval.baselines.umim_budget import (
+    UMIMBudget,
+    budget_curve,
+    load_alignment_scores,
+)
 
 
 def _paragraphs(lo: int, hi: int) -> list[str]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim import kv_cache
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
 from umim.generation import MergedLM, SamplingConfig

@@ -12,14 +12,27 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim.batch import build_merged_batch, check_segments
 from umim.cli import UMIMCLI, build_cli, main
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
-from umim.ktoken import KTokenConfig, KTokenEncoder, blocks_for_ratio, kblock_segments, max_tr
-from umim.ktoken_training import (KTokenDataModule, KTokenDistillation, KTokenLoRA, KTokenSettings, LoRASettings,
-                                  segmented, task_loss)
+from umim.ktoken import (
+    KTokenConfig,
+    KTokenEncoder,
+    blocks_for_ratio,
+    kblock_segments,
+    max_tr,
+)
+from umim.ktoken_training import (
+    KTokenDataModule,
+    KTokenDistillation,
+    KTokenLoRA,
+    KTokenSettings,
+    LoRASettings,
+    segmented,
+    task_loss,
+)
 from umim.lm import LMSpec, load_lm, load_tokenizer
 from umim_eval.baselines.ktoken_merge import KTokenMerge
 from umim_eval.compressed_inputs import continuation_nll_from, prompt_inputs
@@ -28,19 +41,14 @@ KS = (2, 3, 4)
 CONF = Path(__file__).parents[1] / "conf" / "ktoken.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, tiny_tokenizer_factory):
     """A tiny Llama + its tokenizer saved as a HF folder, and a local English corpus folder."""
     from pydoc_data.topics import topics
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("ktoken")

@@ -11,8 +11,8 @@ from torch import nn
 
 from umim.alignment_metrics import (
     MeanReciprocalRank,
-    Top1Agreement,
     TokenReduction,
+    Top1Agreement,
     TopKOverlap,
     TopPOverlap,
     alignment_metrics,

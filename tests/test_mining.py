@@ -7,7 +7,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from umim.mining import MiningError, count_ngrams, filter_inter, filter_intra, mine_rules
+from umim.mining import (
+    MiningError,
+    count_ngrams,
+    filter_inter,
+    filter_intra,
+    mine_rules,
+)
 
 
 def fp(vocab_size: int) -> dict:

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim.merger import MergeModule, MergerConfig
 from umim.rules import MergeRules
 from umim_eval.perplexity import perplexity, reference_nll, two_stage_nll

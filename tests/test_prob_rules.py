@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
 from umim.generation import MergedLM
 from umim.merger import MergeModule, MergerConfig

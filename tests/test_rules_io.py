@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TEXT_A, make_tiny_tokenizer
+
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
 from umim.mining import mine_rules
 from umim.rules import FORMAT, VERSION, MergeRules, RulesFileError

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fingerprint import check_fingerprint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "encoder.safetensors"
@@ -185,34 +184,6 @@ class KTokenEncoder(nn.Module):
         cls, path: str | os.PathLike, hidden_size: int | None = None, tokenizer_fp: dict | None = None
     ) -> KTokenEncoder:
         """Load a saved encoder; refuse it if it was trained for another hidden size or tokenizer."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .module_io import load_module_folder
 
-        path = Path(path)
-        cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-        if not cfg_file.is_file() or not w_file.is_file():
-            raise FileNotFoundError(f"{path} is not a saved K-token encoder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_file} is corrupted: {e}") from e
-        if raw.pop("format", None) != FORMAT:
-            raise ValueError(f"{cfg_file} is not a K-token encoder config")
-        raw.pop("version", None)
-        try:
-            config = KTokenConfig(**raw)
-        except TypeError as e:
-            raise ValueError(f"{cfg_file} holds unknown or missing encoder settings: {e}") from e
-        if hidden_size is not None and hidden_size != config.hidden_size:
-            raise ValueError(
-                f"K-token encoder in {path} was trained for hidden size {config.hidden_size} "
-                f"({config.lm_name!r}), the LM has {hidden_size}"
-            )
-        if tokenizer_fp is not None:
-            check_fingerprint(config.tokenizer, tokenizer_fp, f"K-token encoder in {path}")
-        module = cls(config)
-        try:
-            module.load_state_dict(load_file(str(w_file)))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"{w_file} is corrupted or does not match its config: {e}") from e
-        return module
+        return load_module_folder(cls, KTokenConfig, path, FORMAT, "K-token encoder", WEIGHTS_NAME, hidden_size, tokenizer_fp, CONFIG_NAME)

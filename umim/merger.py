@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fingerprint import check_fingerprint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "merger.safetensors"
@@ -119,34 +118,7 @@ class MergeModule(nn.Module):
         cls, path: str | os.PathLike, hidden_size: int | None = None, tokenizer_fp: dict | None = None
     ) -> "MergeModule":
         """Load a saved merger; refuse it if it was trained for another hidden size or tokenizer."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .module_io import load_module_folder
 
-        path = Path(path)
-        cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-        if not cfg_file.is_file() or not w_file.is_file():
-            raise FileNotFoundError(f"{path} is not a saved merger (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_file} is corrupted: {e}") from e
-        if raw.pop("format", None) != "umim-merger":
-            raise ValueError(f"{cfg_file} is not a UMIM merger config")
-        raw.pop("version", None)
-        try:
-            config = MergerConfig(**raw)
-        except TypeError as e:
-            raise ValueError(f"{cfg_file} holds unknown or missing merger settings: {e}") from e
-        if hidden_size is not None and hidden_size != config.hidden_size:
-            raise ValueError(
-                f"merger in {path} was trained for hidden size {config.hidden_size} ({config.lm_name!r}), "
-                f"the LM has {hidden_size}"
-            )
-        if tokenizer_fp is not None:
-            check_fingerprint(config.tokenizer, tokenizer_fp, f"merger in {path}")
-        module = cls(config)
-        try:
-            module.load_state_dict(load_file(str(w_file)))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"{w_file} is corrupted or does not match its config: {e}") from e
-        return module
+        return load_module_folder(cls, MergerConfig, path, "umim-merger", "UMIM merger", WEIGHTS_NAME, hidden_size,
+                                  tokenizer_fp, CONFIG_NAME)
