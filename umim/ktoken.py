@@ -186,4 +186,5 @@ class KTokenEncoder(nn.Module):
         """Load a saved encoder; refuse it if it was trained for another hidden size or tokenizer."""
         from .module_io import load_module_folder
 
-        return load_module_folder(cls, KTokenConfig, path, FORMAT, "K-token encoder", WEIGHTS_NAME, hidden_size, tokenizer_fp, CONFIG_NAME)
+        return load_module_folder(cls, KTokenConfig, path, FORMAT, "K-token encoder", WEIGHTS_NAME, hidden_size,
+                                  tokenizer_fp, CONFIG_NAME)
