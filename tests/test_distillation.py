@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from umim.batch import build_merged_batch
+from umim.corpus import load_documents
 from umim.cli import main
 from umim.datamodule import SegmentCollator, UMIMDataModule
 from umim.distillation import UMIMDistillation
@@ -133,6 +134,12 @@ def test_checkpoint_resume_restores_merger_and_optimizer(tiny_setup, tmp_path):
 def test_umim_fit_cli_exports_merger_rules_and_report(tiny_setup, tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "tiny.yaml"
+    # a saved extra rule set (as `umim mine --model-prob` writes): the first bigram of every test doc
+    tok = load_tokenizer(LMSpec(str(tiny_setup / "lm")))
+    docs = load_documents(str(tiny_setup / "corpus"), "test")
+    grams = sorted({tuple(tok(d, add_special_tokens=False)["input_ids"][:2]) for d in docs})
+    MergeRules(ngrams={2: np.array(grams)}, counts={2: np.ones(len(grams), dtype=np.int64)},
+               tokenizer=tokenizer_fingerprint(tok)).save(tmp_path / "extra")
     cfg.write_text(f"""
 seed_everything: 0
 trainer:
@@ -150,7 +157,7 @@ trainer:
         out_dir: {out}
         max_eval_blocks: 4
         eval_sets: [{{name: held-out, corpus: {tiny_setup / 'corpus'}, split: test}}]
-        rule_variants: [{{name: no filter, filters: []}}]
+        rule_variants: [{{name: no filter, filters: []}}, {{name: extra, path: {tmp_path / 'extra'}}}]
 model:
   lm: {{name_or_path: {tiny_setup / 'lm'}}}
   lr: 1.0e-2
@@ -165,7 +172,9 @@ data:
     main(["fit", "--config", str(cfg)])
     report = json.loads((out / "metrics.json").read_text())
     rows = report["results"][f"held-out ({tiny_setup / 'corpus'}:test)"]
-    assert set(rows) == {"trained", "untrained", "trained, rules no filter", "untrained, rules no filter"}
+    assert set(rows) == {"trained", "untrained", "trained, rules no filter", "untrained, rules no filter",
+                         "trained, rules extra", "untrained, rules extra"}
+    assert 0 < rows["trained, rules extra"]["tr"] < rows["trained"]["tr"]
     assert rows["trained"]["tr"] == rows["untrained"]["tr"] > 0
     assert rows["trained, rules no filter"]["tr"] >= rows["trained"]["tr"]
     merger = MergeModule.from_pretrained(out / "merger", tokenizer_fp=tokenizer_fingerprint(load_tokenizer(LMSpec(str(tiny_setup / "lm")))))

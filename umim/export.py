@@ -25,6 +25,7 @@ from .lm import cache_dir, load_lm
 from .merger import MergeModule
 from .mining import mine_rules
 from .report import evaluate_alignment, write_report
+from .rules import MergeRules
 
 
 @dataclass
@@ -38,10 +39,14 @@ class EvalSet:
 
 @dataclass
 class RuleVariant:
-    """Extra rule set, mined from the training rules' corpus with other filter stages."""
+    """Extra rule set to report beside the training rules: mined from the training corpus with
+    other filter stages, or a saved rules folder (e.g. model-probability rules from
+    ``umim mine --model-prob 0.5``)."""
 
     name: str
     filters: list[str] = field(default_factory=list)
+    path: str | None = None
+    """A saved rules folder; when given, ``filters`` is ignored."""
 
 
 class ExportAndReport(L.Callback):
@@ -103,9 +108,12 @@ class ExportAndReport(L.Callback):
         tok = dm.get_tokenizer()
         fp = tokenizer_fingerprint(tok)
         for v in self.rule_variants:
-            m = dm.mining
-            ids, offsets = tokenized_corpus(m.corpus or dm.corpus, "train", tok, fp, cache_dir() / "tokens")
-            rules_v = mine_rules(ids, offsets, fp, m.min_count, m.min_n, m.max_n, v.filters, progress=False)
+            if v.path is not None:
+                rules_v = MergeRules.load(v.path, tokenizer=tok)
+            else:
+                m = dm.mining
+                ids, offsets = tokenized_corpus(m.corpus or dm.corpus, "train", tok, fp, cache_dir() / "tokens")
+                rules_v = mine_rules(ids, offsets, fp, m.min_count, m.min_n, m.max_n, v.filters, progress=False)
             variants[f"trained, rules {v.name}"] = (rules_v, merger)
             variants[f"untrained, rules {v.name}"] = (rules_v, untrained)
 
