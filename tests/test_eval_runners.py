@@ -142,10 +142,18 @@ def test_compare_table_and_files(compare_result, tmp_path):
     from umim_eval.results import write_results
 
     table = compare_table(compare_result)
-    assert table.count("\n") == 2 + 1 + len(compare_result["rows"])
+    assert table.startswith("4 examples, 64 target tokens scored\n\n")
+    assert table.count("\n") == 2 + 2 + 1 + len(compare_result["rows"])
     paths = write_results(compare_result, tmp_path / "compare", "compare", table)
     assert json.loads(paths["json"].read_text())["base"]["ppl"] == compare_result["base"]["ppl"]
     assert paths["md"].read_text() == table
+
+
+def test_compare_refuses_a_short_split(tiny):
+    from umim_eval.compare import load_examples
+
+    with pytest.raises(ValueError, match="windows"):
+        load_examples("pydoc", "test", tiny["m"].tokenizer, 10**6, 48, 16)
 
 
 def test_results_write_is_atomic(tmp_path):

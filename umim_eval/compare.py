@@ -1,7 +1,7 @@
 """Every method at a matched token reduction, scored by the perplexity of a continuation.
 
-Protocol. Each test document gives ``context_tokens`` of context and the next ``target_tokens`` as
-the target. A method reduces the CONTEXT (UMIM merges it, prompt compressors drop tokens, prompt
+Protocol. The test split's token stream (documents joined with EOS) is cut into windows; each gives
+``context_tokens`` of context and the next ``target_tokens`` as the target. A method reduces the CONTEXT (UMIM merges it, prompt compressors drop tokens, prompt
 mergers merge groups); the target is always fed and scored unmerged, one position per token, as
 in the QA protocol of the paper (App. F.2). Score: perplexity of the target tokens (all methods
 score the same tokens). TR = removed context positions / context tokens.
@@ -54,7 +54,7 @@ class CompareConfig:
     split: str = "test"
     """Split of ``data``."""
     n_samples: int = 64
-    """Documents used (those with at least context + target tokens, in corpus order)."""
+    """Windows of context + target tokens used (the first ones of the split's token stream)."""
     context_tokens: int = 256
     """Context length P (what the methods reduce)."""
     target_tokens: int = 64
@@ -70,19 +70,23 @@ class CompareConfig:
 
 
 def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int, target_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """``(context ids [P], target ids [C])`` from the first ``n`` long-enough documents."""
-    if context_tokens < 1 or target_tokens < 1:
-        raise ValueError("context_tokens and target_tokens must be >= 1")
-    need, out = context_tokens + target_tokens, []
-    for doc in load_documents(data, split):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if len(ids) >= need:
-            out.append((ids[:context_tokens], ids[context_tokens:need]))
-            if len(out) == n:
-                break
-    if not out:
-        raise ValueError(f"no document of {data}:{split} has {need} tokens; lower context_tokens/target_tokens")
-    return out
+    """``(context ids [P], target ids [C])``: the first ``n`` windows of ``P + C`` tokens of the split's
+    token stream (documents joined with EOS, as for perplexity), so short documents still count.
+
+    Raises ``ValueError`` when the split holds fewer than ``n`` windows (no silent shortfall).
+    """
+    from umim.corpus import tokenize_documents
+    from umim.datamodule import pack_blocks
+
+    if context_tokens < 1 or target_tokens < 1 or n < 1:
+        raise ValueError("n_samples, context_tokens and target_tokens must be >= 1")
+    need = context_tokens + target_tokens
+    ids, offsets = tokenize_documents(load_documents(data, split), tokenizer, progress=False)
+    blocks = pack_blocks(ids, offsets, need, tokenizer.eos_token_id)
+    if len(blocks) < n:
+        raise ValueError(f"{data}:{split} holds {len(ids):,} tokens = {len(blocks)} windows of {need}; "
+                         f"{n} requested: lower n_samples, context_tokens or target_tokens")
+    return [(b[:context_tokens].tolist(), b[context_tokens:].tolist()) for b in blocks[:n]]
 
 
 def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, float]:
@@ -145,12 +149,14 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
 
 
 def compare_table(result: dict) -> str:
-    """One block per target level: Method | target TR (%) | achieved TR (%) | PPL | ΔPPL vs base."""
+    """One block per target level: Method | target TR (%) | achieved TR (%) | PPL | ΔPPL vs base,
+    under a line giving the number of examples and target tokens scored."""
     base = result["base"]
     rows = [["Base LM", "–", "–", "–", fmt(base["ppl"], 3), "–"]]
     for r in result["rows"]:
         level = "UMIM's TR" if r["target"] == "umim" else pct(float(r["target"]), 0) + "%"
         rows.append([LABELS.get(r["method"], r["method"]), level, pct(r["target_tr"]), pct(r["achieved_tr"]), fmt(r["ppl"], 3),
                      f"{r['ppl'] - base['ppl']:+.3f}"])
-    return markdown_table(["Method", "Matched to", "Target TR (%)", "Achieved TR (%)", "PPL", "ΔPPL"], rows)
+    head = f"{result['n_examples']} examples, {result['tokens_scored']} target tokens scored\n\n"
+    return head + markdown_table(["Method", "Matched to", "Target TR (%)", "Achieved TR (%)", "PPL", "ΔPPL"], rows)
 
