@@ -4,7 +4,8 @@ Read in data-flow order:
 
 * methods — :mod:`umim_eval.methods` (registry by name), :mod:`umim_eval.baselines` (one
   ``ratio`` knob each: prompt compressors, prompt mergers, KV-cache policies),
-  :mod:`umim_eval.compressed_inputs` (what the LM is fed after any method);
+  :mod:`umim_eval.compressed_inputs` (what the LM is fed after any method),
+  :mod:`umim_eval.matched_generation` (every method generating at matched TR);
 * scoring — :mod:`umim_eval.token_nll`, :mod:`umim_eval.perplexity` (two-stage PPL),
   :mod:`umim_eval.generation_metrics` (Rep/Dist, ROUGE, BERTScore, chrF, MAUVE);
 * lm-eval — :mod:`umim_eval.lm_eval_model` (model ``umim``), :mod:`umim_eval.lm_eval_hook`,

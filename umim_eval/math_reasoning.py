@@ -15,7 +15,7 @@ Scores per dataset and method:
 * ``tr``: mean achieved TR of the prompts.
 
 TR matching and method handling are those of :mod:`umim_eval.summarization` (per-example UMIM TR
-by default; KV policies may be listed too, see :func:`umim_eval.summarization.generate_matched`).
+by default; KV policies may be listed too, see :func:`umim_eval.matched_generation.generate_matched`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from tqdm.auto import tqdm
 
 from umim.generation import SamplingConfig
 
-from .methods import LABELS
-from .results import markdown_table, pct, write_results
-from .summarization import (
+from .matched_generation import (
     MATCHES,
     generate_matched,
     load_merged_lm,
@@ -40,6 +38,8 @@ from .summarization import (
     match_targets,
     model_context,
 )
+from .methods import LABELS
+from .results import markdown_table, pct, write_results
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
