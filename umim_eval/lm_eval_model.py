@@ -133,7 +133,7 @@ class UMIMLM(HFLM):
 
         method_class(compressor)  # unknown names fail here, before any request
         ratio = "umim" if ratio is None and rules is not None else ratio
-        if ratio is None:
+        if ratio is None or (ratio == "umim" and rules is None):
             raise ValueError("compressor= needs ratio= (a TR in [0, 1), or umim with rules=/run_dir=)")
         if ratio != "umim":
             ratio = float(ratio)
