@@ -62,7 +62,7 @@ class CompareConfig:
     methods: list[str] = field(default_factory=lambda: ["umim", "select_context", "streaming_llm", "h2o"])
     """Method names of :data:`umim_eval.methods.METHODS`; ``base`` (no reduction) is always included."""
     method_options: dict[str, dict] = field(default_factory=dict)
-    """Extra constructor options per method, e.g. ``{ktoken: {path: runs/ktoken/encoder}}``."""
+    """Extra constructor options per method, e.g. ``{ktoken: {path: runs/ktoken/ktoken}}``."""
     targets: list = field(default_factory=lambda: ["umim"])
     """TR levels: ``"umim"`` (per-example match to UMIM's TR) and/or numbers in [0, 1)."""
     out_dir: str = "results/compare"
@@ -127,13 +127,15 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
 
     base_nll = sum(_score(None, m, c, t)[0] for c, t in examples)
     base = {"method": "base", "ppl": math.exp(base_nll / n_tgt), "nll": base_nll / n_tgt, "achieved_tr": 0.0}
-    rows = []
+    rows, built = [], {}
     jobs = [(t, name) for t in cfg.targets for name in cfg.methods]
     for target, name in tqdm(jobs, desc="compare", disable=not progress):
         if target != "umim" and name == "umim":
             continue  # fixed rules have no TR knob: the umim_budget method covers fixed levels
-        # built once (a method may load a model), re-aimed per example through its ratio knob
-        method = make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
+        # built once (a method may load a model or inject an adapter), re-aimed through its ratio knob
+        if name not in built:
+            built[name] = make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
+        method = built[name]
         nll, trs, asked = 0.0, [], []
         for i, (ctx, tgt) in enumerate(examples):
             want = umim_tr[i] if target == "umim" else float(target)
