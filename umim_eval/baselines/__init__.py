@@ -1,12 +1,20 @@
-"""Context-reduction baselines at matched token reduction (paper Sec. 4.4, App. F.2).
+"""Context-reduction methods at matched token reduction (paper Sec. 4.4, App. F.2), each a small
+class with one knob, ``ratio`` (the target token reduction in the target LM's tokens):
 
-Every baseline is a small class with one knob, ``ratio`` (the target token reduction in the target
-LM's tokens): prompt compressors (:class:`SelectContext`, :class:`LLMLingua1`, :class:`LLMLingua2`) return a :class:`CompressedPrompt`; KV
-policies (:class:`StreamingLLM`, :class:`H2O`) are scored with :func:`policy_nll`. Methods whose
-native knob is not in tokens are matched to a TR with :func:`match_tr`.
+* prompt compressors (:class:`SelectContext`, :class:`LLMLingua1`, :class:`LLMLingua2`) drop
+  tokens and return a :class:`CompressedPrompt`;
+* prompt mergers (:class:`~.umim_merge.UMIMMerge`, :class:`~.umim_budget.UMIMBudget`,
+  :class:`~.quickmerge.QuickMerge`, :class:`~.ktoken_merge.KTokenMerge`) merge contiguous groups
+  into embeddings and return a :class:`MergedPrompt`;
+* KV policies (:class:`StreamingLLM`, :class:`H2O`) evict cache entries; they are scored with
+  :func:`policy_nll` and decode with :func:`~.policy_generate.policy_generate`.
+
+Methods whose native knob is not in tokens are matched to a TR with :func:`match_tr`. Runners name
+methods through :mod:`umim_eval.methods`; :data:`BASELINES` holds the baselines that are built from
+``ratio`` alone.
 """
 
-from .base import CompressedPrompt, KVPolicy, PromptCompressor, Scored, achieved_tr
+from .base import CompressedPrompt, KVPolicy, MergedPrompt, PromptCompressor, PromptMerger, Scored, achieved_tr
 from .h2o import H2O
 from .llmlingua1 import LLMLingua1
 from .llmlingua2 import LLMLingua2
@@ -26,8 +34,10 @@ __all__ = [
            "KVPolicy",
            "LLMLingua1",
            "LLMLingua2",
+           "MergedPrompt",
            "PolicyNLL",
            "PromptCompressor",
+           "PromptMerger",
            "Scored",
            "SelectContext",
            "StreamingLLM",
