@@ -17,7 +17,6 @@ from torch import nn
 
 from .merger import MergeModule
 
-
 MAX_SPAN = 4
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import lightning as L
 import torch
 
-from .alignment_metrics import TokenReduction, alignment_metrics
+from .alignment_metrics import alignment_metrics
 from .batch import MergedBatch, aligned_hidden, build_merged_batch
 from .distill_loss import distillation_loss
 from .fingerprint import tokenizer_fingerprint
+from .frozen_lm_module import STAGES, FrozenLMModule
 from .lm import LMSpec, load_lm, load_tokenizer
 from .merger import MergeModule, MergerConfig
 
@@ -58,7 +58,7 @@ def distill_forward(
     return distillation_loss(t_h, s_h, lm.get_output_embeddings(), chunk_size, metrics), merged
 
 
-class UMIMDistillation(L.LightningModule):
+class UMIMDistillation(FrozenLMModule):
     """Frozen teacher LM + trainable merge module, trained by sequential-computation distillation."""
 
     def __init__(
@@ -85,21 +85,15 @@ class UMIMDistillation(L.LightningModule):
         train_metrics : also compute the alignment metrics on training batches.
         seed : seed of the merger's initialisation.
         """
-        super().__init__()
+        super().__init__(lr, weight_decay, warmup_ratio)
         # plain dicts in checkpoints, so they load with torch.load(weights_only=True)
         self.lm_spec = LMSpec(**lm) if isinstance(lm, dict) else (lm or LMSpec())
         self.merger_settings = MergerSettings(**merger) if isinstance(merger, dict) else (merger or MergerSettings())
         self.save_hyperparameters(ignore=["lm", "merger"])
         self.hparams.update(lm=asdict(self.lm_spec), merger=asdict(self.merger_settings))
-        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.loss_chunk_size, self.train_metrics, self.seed = loss_chunk_size, train_metrics, seed
-        self.lm = None
         self.merger: MergeModule | None = None
-        self.metrics = torch.nn.ModuleDict(
-            {f"{s}_align": alignment_metrics(top_p) for s in ("train", "val", "test")}
-        )
-        self.tr = torch.nn.ModuleDict({f"{s}_tr": TokenReduction() for s in ("train", "val", "test")})
-        self.strict_loading = False  # checkpoints hold the merger only, not the frozen LM
+        self.metrics = torch.nn.ModuleDict({f"{s}_align": alignment_metrics(top_p) for s in STAGES})
 
     # -- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -119,42 +113,14 @@ class UMIMDistillation(L.LightningModule):
             torch.manual_seed(self.seed)
             self.merger = MergeModule(config)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.lm is not None:
-            self.lm.eval()  # the teacher stays in eval mode (no dropout) while the merger trains
-        return self
-
     # -- step --------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         metrics = self.metrics[f"{stage}_align"] if (stage != "train" or self.train_metrics) else None
         loss, merged = distill_forward(self.lm, self.merger, batch, metrics, self.loss_chunk_size)
-        self.tr[f"{stage}_tr"].update(merged.num_original, merged.num_compressed)
-        bs = batch["input_ids"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=bs)
-        self.log(f"{stage}/tr", self.tr[f"{stage}_tr"], on_step=False, on_epoch=True)
+        self.log_step(loss, merged, batch["input_ids"].shape[0], stage)
         if metrics is not None:
             self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._step(batch, "test")
-
-    # -- optimisation ------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
-
-        opt = torch.optim.AdamW(self.merger.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # -- checkpoints: merger only ------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("lm.")}
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.merger.parameters())

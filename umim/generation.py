@@ -31,7 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from . import kv_cache
 from .fingerprint import tokenizer_fingerprint

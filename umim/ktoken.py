@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "encoder.safetensors"
 FORMAT = "umim-ktoken"

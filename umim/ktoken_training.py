@@ -25,16 +25,16 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .alignment_metrics import TokenReduction, alignment_metrics
+from .alignment_metrics import alignment_metrics
 from .batch import MergedBatch, build_merged_batch
 from .datamodule import UMIMDataModule
 from .distillation import distill_forward
 from .fingerprint import tokenizer_fingerprint
+from .frozen_lm_module import STAGES, FrozenLMModule
 from .ktoken import KTokenConfig, KTokenEncoder, check_k, kblock_segments
 from .lm import LMSpec, load_lm, load_tokenizer
 
@@ -210,12 +210,12 @@ def task_loss(lm, encoder: KTokenEncoder, batch: dict[str, torch.Tensor]) -> tup
 
 
 # -- LightningModules ------------------------------------------------------------------------------
-class KTokenModule(L.LightningModule):
-    """What both objectives share: the LM, the encoder, the K-block segmentation, AdamW + cosine
-    schedule over the trainable parameters, and the export when fitting ends."""
+class KTokenModule(FrozenLMModule):
+    """What both objectives share beyond :class:`~umim.frozen_lm_module.FrozenLMModule`: the
+    encoder, the K-block segmentation of each batch, and the export when fitting ends."""
 
     def __init__(self, lm, ktoken, lr, weight_decay, warmup_ratio, seed, export_dir):
-        super().__init__()
+        super().__init__(lr, weight_decay, warmup_ratio)
         # plain dicts in checkpoints, so they load with torch.load(weights_only=True)
         self.lm_spec = LMSpec(**lm) if isinstance(lm, dict) else (lm or LMSpec())
         self.ktoken = KTokenSettings(**ktoken) if isinstance(ktoken, dict) else (ktoken or KTokenSettings())
@@ -223,12 +223,8 @@ class KTokenModule(L.LightningModule):
         lo, hi = self.ktoken.merge_fraction
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"merge_fraction must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.ktoken.merge_fraction}")
-        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.seed, self.export_dir = seed, export_dir
-        self.lm = None
         self.encoder: KTokenEncoder | None = None
-        self.tr = torch.nn.ModuleDict({f"{s}_tr": TokenReduction() for s in ("train", "val", "test")})
-        self.strict_loading = False  # checkpoints hold the trained weights only, not the frozen LM
 
     def configure_model(self) -> None:
         """Load the frozen LM and build the encoder (idempotent; Lightning calls it before fitting)."""
@@ -244,12 +240,6 @@ class KTokenModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.encoder = KTokenEncoder(config)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.lm is not None:
-            self.lm.eval()  # the base LM never runs dropout
-        return self
 
     def n_blocks(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         """[B] K-blocks to merge per row: a random share of the row in training, the midpoint otherwise."""
@@ -270,31 +260,11 @@ class KTokenModule(L.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         batch = segmented(batch, self.ktoken.k, self.n_blocks(batch, stage))
         loss, merged = self.loss(batch, stage)
-        self.tr[f"{stage}_tr"].update(merged.num_original, merged.num_compressed)
-        bs = batch["input_ids"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=bs)
-        self.log(f"{stage}/tr", self.tr[f"{stage}_tr"], on_step=False, on_epoch=True)
+        self.log_step(loss, merged, batch["input_ids"].shape[0], stage)
         return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        return self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        return self._step(batch, "test")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters())
-
-    def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
-
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, path: str | Path) -> Path:
         """Write the encoder into ``path`` (a stale ``adapter/`` there is removed)."""
@@ -349,7 +319,7 @@ class KTokenDistillation(KTokenModule):
         self.save_hyperparameters(ignore=["lm", "ktoken"])
         self.hparams.update(lm=asdict(self.lm_spec), ktoken=asdict(self.ktoken))
         self.loss_chunk_size, self.train_metrics = loss_chunk_size, train_metrics
-        self.metrics = torch.nn.ModuleDict({f"{s}_align": alignment_metrics(top_p) for s in ("train", "val", "test")})
+        self.metrics = torch.nn.ModuleDict({f"{s}_align": alignment_metrics(top_p) for s in STAGES})
 
     def loss(self, batch, stage):
         metrics = self.metrics[f"{stage}_align"] if (stage != "train" or self.train_metrics) else None
@@ -357,9 +327,6 @@ class KTokenDistillation(KTokenModule):
         if metrics is not None:
             self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True)
         return loss, merged
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("lm.")}
 
 
 class KTokenLoRA(KTokenModule):
@@ -414,10 +381,8 @@ class KTokenLoRA(KTokenModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters()) + [p for p in self.lm.parameters() if p.requires_grad]
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("lm.") or "lora_" in k
-        }
+    def keeps_lm_weight(self, key: str) -> bool:
+        return "lora_" in key  # the adapters are trained; the base LM is not
 
     def export(self, path: str | Path) -> Path:
         path = super().export(path)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "merger.safetensors"
 

@@ -1,0 +1,71 @@
+"""What every LightningModule that trains a small module around a frozen LM shares (UMIM's merger,
+the K-token encoder): the LM kept in eval mode, one ``_step`` for train/val/test, AdamW with linear
+warmup + cosine decay over the trainable parameters only, the TR logged per stage, and checkpoints
+without the frozen LM's weights."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from .alignment_metrics import TokenReduction
+
+STAGES = ("train", "val", "test")
+
+
+class FrozenLMModule(L.LightningModule):
+    """Base class: subclasses build ``self.lm`` in ``configure_model`` and define :meth:`_step`
+    and :meth:`trainable_parameters`."""
+
+    def __init__(self, lr: float, weight_decay: float, warmup_ratio: float):
+        super().__init__()
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.lm = None
+        self.tr = torch.nn.ModuleDict({f"{s}_tr": TokenReduction() for s in STAGES})
+        self.strict_loading = False  # checkpoints hold the trained weights only, not the frozen LM
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lm is not None:
+            self.lm.eval()  # the frozen LM never runs dropout while the small module trains
+        return self
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} defines no step")
+
+    def log_step(self, loss: torch.Tensor, merged, batch_size: int, stage: str) -> None:
+        """Log the loss and the stage's running TR (``merged``: the step's :class:`MergedBatch`)."""
+        self.tr[f"{stage}_tr"].update(merged.num_original, merged.num_compressed)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/tr", self.tr[f"{stage}_tr"], on_step=False, on_epoch=True)
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, "test")
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError(f"{type(self).__name__} names no trainable parameters")
+
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: trained weights only ---------------------------------------------------------
+    def keeps_lm_weight(self, key: str) -> bool:
+        """Whether a ``lm.*`` weight belongs in checkpoints (trained adapters do; the frozen LM does not)."""
+        return False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("lm.") or self.keeps_lm_weight(k)}
