@@ -149,14 +149,15 @@ class MergedLM:
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
     def load(cls, lm: LMSpec | str = "embedded", merger: str | Path | None = None, rules: str | Path | None = None,
-             run_dir: str | Path | None = None) -> "MergedLM":
+             run_dir: str | Path | None = None, device: str | None = None) -> "MergedLM":
         """Load in one call: the LM, and the merger + rules from ``run_dir`` (``merger/``, ``rules/``)
-        or from separate paths."""
+        or from separate paths, on ``device`` (default: CUDA when available, else CPU)."""
         spec = lm if isinstance(lm, LMSpec) else LMSpec(str(lm))
         if run_dir is not None:
             merger = merger or Path(run_dir) / "merger"
             rules = rules or Path(run_dir) / "rules"
         model, tok = load_lm(spec), load_tokenizer(spec)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded_rules = MergeRules.load(rules, tokenizer=tok) if rules else None
         loaded_merger = (
             MergeModule.from_pretrained(merger, hidden_size=model.get_input_embeddings().embedding_dim,

@@ -91,7 +91,7 @@ class GenQualityConfig:
     mauve_buckets: int | str = "auto"
     """MAUVE histogram size; "auto" = max(2, n/10). Needs at least this many samples."""
     device: str | None = None
-    """Device of the metric encoders; default CUDA when available (the LM stays where it loaded)."""
+    """Device of the LM and the metric encoders; default CUDA when available, else CPU."""
     seed: int = 0
     """Seed of the prompt draw and of the sampling runs."""
     out_dir: str | None = None
@@ -193,7 +193,7 @@ def run_gen_quality(cfg: GenQualityConfig, progress: bool = True, model: MergedL
     if model is None:
         if cfg.run_dir is None and (cfg.merger is None or cfg.rules is None):
             raise ValueError("give run_dir, or both merger and rules, for the merged model")
-        model = MergedLM.load(cfg.lm, merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir)
+        model = MergedLM.load(cfg.lm, merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir, device=cfg.device)
     if model.merger is None or model.rules is None:
         raise ValueError("the merged model needs a merger and rules")
     tok = model.tokenizer

@@ -69,13 +69,7 @@ def load_merged_lm(lm: str, dtype: str = "float32", device: str | None = None, r
     """The target LM (plus merger and rules when given) on ``device`` (default CUDA when available)."""
     if need_merger and run_dir is None and (merger is None or rules is None):
         raise ValueError("umim (and UMIM matching) needs a merger and rules: set run_dir, or merger and rules")
-    m = MergedLM.load(LMSpec(lm, dtype=dtype), merger=merger, rules=rules, run_dir=run_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if m.lm.device != dev:
-        m.lm.to(dev)
-        if m.merger is not None:
-            m.merger.to(dev)
-    return m
+    return MergedLM.load(LMSpec(lm, dtype=dtype), merger=merger, rules=rules, run_dir=run_dir, device=device)
 
 
 def match_targets(match: str, ratio: float | None, m: MergedLM, prompts: list[list[int]]) -> list[float]:

@@ -14,7 +14,15 @@ methods through :mod:`umim_eval.methods`; :data:`BASELINES` holds the baselines 
 ``ratio`` alone.
 """
 
-from .base import CompressedPrompt, KVPolicy, MergedPrompt, PromptCompressor, PromptMerger, Scored, achieved_tr
+from .base import (
+           CompressedPrompt,
+           KVPolicy,
+           MergedPrompt,
+           PromptCompressor,
+           PromptMerger,
+           Scored,
+           achieved_tr,
+)
 from .h2o import H2O
 from .llmlingua1 import LLMLingua1
 from .llmlingua2 import LLMLingua2
