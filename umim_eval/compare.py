@@ -122,7 +122,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     umim = make_method("umim", merged_lm=m) if m.merger is not None and m.rules is not None else None
     if "umim" in cfg.targets and umim is None:
         raise ValueError("targets 'umim' needs a merger and rules (run_dir, or merger + rules)")
-    umim_tr = [umim.merge(m.lm, m.tokenizer, c).tr if umim else None for c, _ in examples]
+    # UMIM's TR needs only the segmentation, not the surrogates
+    umim_tr = [1.0 - len(m.rules.segment(c)) / len(c) if umim else None for c, _ in examples]
     n_tgt = sum(len(t) for _, t in examples)
 
     base_nll = sum(_score(None, m, c, t)[0] for c, t in examples)
