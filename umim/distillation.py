@@ -35,7 +35,8 @@ def teacher_hidden(lm, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ids, lengths = batch["input_ids"], batch["lengths"]
     mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
     with torch.no_grad():
-        return lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        # use_cache=False: a KV cache would be appended to again when checkpointed layers recompute
+        return lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
 def distill_forward(
@@ -53,7 +54,9 @@ def distill_forward(
     merged = build_merged_batch(
         batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(), merger, batch["lengths"]
     )
-    student_h = lm.base_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask).last_hidden_state
+    student_h = lm.base_model(
+        inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, use_cache=False
+    ).last_hidden_state
     t_h, s_h = aligned_hidden(teacher_h, student_h, merged)
     return distillation_loss(t_h, s_h, lm.get_output_embeddings(), chunk_size, metrics), merged
 

@@ -1,14 +1,24 @@
 """End of training: export the best merger with its rules and report trained vs untrained alignment.
 
-Writes into ``out_dir``: ``merger/`` (``save_pretrained``), ``rules/`` (the rules it was trained
-with), ``metrics.json`` and ``metrics.md``. The report compares, on each evaluation set, the
-trained merger with an untrained one (same initialisation seed), under the training rules and under
+Writes into ``out_dir`` (default the trainer's ``default_root_dir``): ``merger/``
+(``save_pretrained``), ``rules/`` (the rules it was trained with), ``metrics.json`` and
+``metrics.md``. The report compares, on each evaluation set, the trained merger with an untrained one (same initialisation seed), under the training rules and under
 each extra rule variant (e.g. without the inter-set filter), so both the gain from training and the
 effect of the rule filters on TR are visible.
+
+It runs when training ends (``on_train_end``: the module is still on the accelerator and every rank
+is still there). Every rank evaluates its share of the blocks (a sharded LM needs all of them) and
+the metrics are reduced across ranks; rank 0 then writes everything into a staging folder and swaps
+it in, so a failure leaves the previous export whole. Output folders that are not ours are refused
+when fitting starts, not after training. An interrupted fit exports nothing (the earlier export
+stays). The frozen LM's weights are checksummed at the start and the end: the report says they
+did not change.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,16 +26,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 
 from .corpus import tokenized_corpus
 from .datamodule import pack_blocks
 from .fingerprint import tokenizer_fingerprint
-from .lm import cache_dir, load_lm
-from .merger import MergeModule
+from .lm import cache_dir
+from .merger import MergeModule, is_merger_dir
 from .mining import mine_rules
-from .report import evaluate_alignment, write_report
-from .rules import MergeRules
+from .report import evaluate_alignment, markdown_table
+from .rules import MergeRules, is_rules_dir
+from .safe_io import check_replaceable, check_writable_dir, replace_dir, staging_dir, write_text_atomic
+from .strategy import trainable_state_dict
 
 
 @dataclass
@@ -49,12 +60,20 @@ class RuleVariant:
     """A saved rules folder; when given, ``filters`` is ignored."""
 
 
+def frozen_checksums(lm: torch.nn.Module) -> list[int]:
+    """Bitwise hash of each of this rank's (local shards of) frozen LM parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return [int(torch.hash_tensor((p.to_local() if isinstance(p, DTensor) else p).detach()).view(torch.int64))
+            for p in lm.parameters() if not p.requires_grad]
+
+
 class ExportAndReport(L.Callback):
-    """Save the best merger + rules and write the alignment report when fitting ends."""
+    """Save the best merger + rules and write the alignment report when training ends."""
 
     def __init__(
         self,
-        out_dir: str = "runs/default",
+        out_dir: str | None = None,
         eval_sets: list[EvalSet] | None = None,
         rule_variants: list[RuleVariant] | None = None,
         max_eval_blocks: int = 32,
@@ -63,47 +82,50 @@ class ExportAndReport(L.Callback):
         """
         Parameters
         ----------
-        out_dir : where merger/, rules/, metrics.json and metrics.md are written.
+        out_dir : where merger/, rules/, metrics.json and metrics.md are written (default: trainer.default_root_dir).
         eval_sets : held-out texts (default: the training corpus's test split).
         rule_variants : extra rule sets to report (e.g. filters [intra], i.e. without inter).
         max_eval_blocks : blocks per evaluation set (first ones, deterministic).
+        batch_size : blocks per forward on each rank.
         """
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir else None
         self.eval_sets = eval_sets
         self.rule_variants = rule_variants or []
         self.max_eval_blocks, self.batch_size = max_eval_blocks, batch_size
         self.fit_started = 0.0
+        self.teacher_checksums: list[int] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.out_dir is None:
+            self.out_dir = Path(trainer.default_root_dir)
+        if stage == "fit":  # refuse before training, not after it
+            check_writable_dir(self.out_dir)
+            check_replaceable(self.out_dir / "merger", is_merger_dir, "merger")
+            check_replaceable(self.out_dir / "rules", is_rules_dir, "rules")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.fit_started = time.perf_counter()
+        self.teacher_checksums = frozen_checksums(pl_module.lm)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
+    def on_train_end(self, trainer, pl_module) -> None:
         train_seconds = time.perf_counter() - self.fit_started
+        if frozen_checksums(pl_module.lm) != self.teacher_checksums:
+            raise RuntimeError("the frozen LM's weights changed during training (a bug): nothing exported")
         dm = trainer.datamodule
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        sharded = isinstance(trainer.strategy, FSDPStrategy)
-        merger = MergeModule(pl_module.merger.config)
+        cb = trainer.checkpoint_callback
+        best = getattr(cb, "best_model_path", "") if cb is not None else ""
         if best:
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-            merger.load_state_dict({k[len("merger.") :]: v for k, v in state.items() if k.startswith("merger.")})
-        elif sharded:
-            print("ExportAndReport: no best checkpoint under FSDP, nothing to export (add a ModelCheckpoint)")
-            return
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            weights = {k[len("merger.") :]: v for k, v in state.items() if k.startswith("merger.")}
         else:
-            merger.load_state_dict(pl_module.merger.state_dict())
-        merger.save_pretrained(self.out_dir / "merger")
-        if (self.out_dir / "rules").resolve() != dm.rules_path.resolve():
-            shutil.rmtree(self.out_dir / "rules", ignore_errors=True)
-            shutil.copytree(dm.rules_path, self.out_dir / "rules")
-
-        # the training LM is sharded under FSDP: evaluate on a full copy on this rank's device
-        lm = load_lm(pl_module.lm_spec).to(pl_module.device) if sharded else pl_module.lm
-        merger = merger.to(lm.device).eval()
+            weights = trainable_state_dict(pl_module.merger, lambda k: True)  # gathers a sharded merger
+        device = pl_module.device
+        merger = MergeModule(pl_module.merger.config)
+        merger.load_state_dict(weights)
+        merger = merger.to(device).eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(pl_module.seed)
-            untrained = MergeModule(merger.config).to(lm.device).eval()
+            untrained = MergeModule(merger.config).to(device).eval()
         variants = {"trained": (dm.rules, merger), "untrained": (dm.rules, untrained)}
         tok = dm.get_tokenizer()
         fp = tokenizer_fingerprint(tok)
@@ -122,18 +144,54 @@ class ExportAndReport(L.Callback):
         for es in eval_sets:
             ids, offsets = tokenized_corpus(es.corpus, es.split, tok, fp, cache_dir() / "tokens")
             blocks = pack_blocks(ids, offsets, dm.block_size, tok.eos_token_id)[: self.max_eval_blocks]
-            results[f"{es.name} ({es.corpus}:{es.split})"] = evaluate_alignment(
-                lm, blocks, variants, self.batch_size, pl_module.loss_chunk_size, desc=f"report {es.name}"
-            )
-        table = write_report(
-            results,
-            self.out_dir,
-            {
-                "lm": pl_module.lm_spec.name_or_path,
-                "rules": {"num_rules": dm.rules.num_rules(), "min_count": dm.rules.min_count, "filters": dm.rules.filters},
-                "train": {"seconds": round(train_seconds, 1), "steps": int(trainer.global_step),
-                          "epochs": int(trainer.current_epoch), "best_checkpoint": best,
-                          "train_blocks": int(len(dm.blocks["train"])), "block_size": dm.block_size},
-            },
-        )
-        print(f"\nexported merger and rules to {self.out_dir}\n{table}\n")
+            with trainer.precision_plugin.forward_context():
+                results[f"{es.name} ({es.corpus}:{es.split})"] = evaluate_alignment(
+                    pl_module.lm, blocks, variants, self.batch_size, pl_module.loss_chunk_size,
+                    desc=f"report {es.name}", rank=trainer.global_rank, world_size=trainer.world_size,
+                )
+        val_loss = trainer.callback_metrics.get("val/loss")
+        best_score = getattr(cb, "best_model_score", None) if cb is not None else None
+        extra = {
+            "lm": pl_module.lm_spec.name_or_path,
+            "rules": {"num_rules": dm.rules.num_rules(), "min_count": dm.rules.min_count, "filters": dm.rules.filters},
+            "train": {"seconds": round(train_seconds, 1), "steps": int(trainer.global_step),
+                      "epochs": int(trainer.current_epoch), "best_checkpoint": best,
+                      "best_val_loss": None if best_score is None else float(best_score),
+                      "val_loss": None if val_loss is None else float(val_loss),
+                      "train_blocks": int(len(dm.blocks["train"])), "block_size": dm.block_size,
+                      "world_size": int(trainer.world_size), "strategy": type(trainer.strategy).__name__,
+                      "precision": str(trainer.precision)},
+            "teacher_unchanged": True,
+        }
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self._publish(merger, dm.rules_path, results, extra)
+            except Exception as e:  # the other ranks must not wait for rank 0 forever
+                error = f"{type(e).__name__}: {e}"
+                raise
+            finally:
+                trainer.strategy.broadcast(error)
+        elif (error := trainer.strategy.broadcast(error)) is not None:
+            raise RuntimeError(f"rank 0 failed to write the export: {error}")
+
+    def _publish(self, merger: MergeModule, rules_path: Path, results: dict, extra: dict) -> None:
+        """Write merger/, rules/, metrics.json and metrics.md into a staging folder, then swap each in."""
+        out = self.out_dir
+        stage = staging_dir(out / "export")
+        try:
+            merger.save_pretrained(stage / "merger")
+            same_rules = (out / "rules").resolve() == Path(rules_path).resolve()
+            if not same_rules:
+                shutil.copytree(rules_path, stage / "rules")
+            table = markdown_table(results)
+            write_text_atomic(stage / "metrics.json", json.dumps({**extra, "results": results}, indent=2))
+            write_text_atomic(stage / "metrics.md", table + "\n")
+            replace_dir(stage / "merger", out / "merger", is_merger_dir, "merger")
+            if not same_rules:
+                replace_dir(stage / "rules", out / "rules", is_rules_dir, "rules")
+            for name in ("metrics.json", "metrics.md"):
+                os.replace(stage / name, out / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        print(f"\nexported merger and rules to {out}\n{table}\n")

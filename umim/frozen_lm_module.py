@@ -8,7 +8,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from .alignment_metrics import TokenReduction
+from .alignment_metrics import PositionMeanLoss, TokenReduction
 
 STAGES = ("train", "val", "test")
 
@@ -22,6 +22,7 @@ class FrozenLMModule(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.lm = None
         self.tr = torch.nn.ModuleDict({f"{s}_tr": TokenReduction() for s in STAGES})
+        self.eval_loss = torch.nn.ModuleDict({f"{s}_loss": PositionMeanLoss() for s in STAGES if s != "train"})
         self.strict_loading = False  # checkpoints hold the trained weights only, not the frozen LM
 
     def train(self, mode: bool = True):
@@ -37,7 +38,11 @@ class FrozenLMModule(L.LightningModule):
     def log_step(self, loss: torch.Tensor, merged, batch_size: int, stage: str) -> None:
         """Log the loss and the stage's running TR (``merged``: the step's :class:`MergedBatch`)."""
         self.tr[f"{stage}_tr"].update(merged.num_original, merged.num_compressed)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        else:  # the mean over every aligned position of every rank: checkpointing and early stopping judge all of it
+            self.eval_loss[f"{stage}_loss"].update(loss, merged.loss_mask.sum())
+            self.log(f"{stage}/loss", self.eval_loss[f"{stage}_loss"], prog_bar=True, on_step=False, on_epoch=True)
         self.log(f"{stage}/tr", self.tr[f"{stage}_tr"], on_step=False, on_epoch=True)
 
     def training_step(self, batch, batch_idx):
@@ -58,6 +63,10 @@ class FrozenLMModule(L.LightningModule):
 
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
+        # estimating built the train loader before a resumed run restores its loops, so that loader
+        # would never receive its saved position (Lightning loads loader state only when it builds the
+        # loader while restarting): drop it, and the fit loop builds it again after the restore
+        self.trainer.fit_loop._combined_loader = None
         sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -66,6 +75,9 @@ class FrozenLMModule(L.LightningModule):
         """Whether a ``lm.*`` weight belongs in checkpoints (trained adapters do; the frozen LM does not)."""
         return False
 
+    def keeps_in_checkpoint(self, key: str) -> bool:
+        """Whether the state-dict entry ``key`` belongs in checkpoints (everything but the frozen LM)."""
+        return not key.startswith("lm.") or self.keeps_lm_weight(key)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("lm.") or self.keeps_lm_weight(k)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.keeps_in_checkpoint(k)}

@@ -41,7 +41,7 @@ from transformers import (
 
 from . import kv_cache
 from .fingerprint import tokenizer_fingerprint
-from .lm import LMSpec, load_lm, load_tokenizer
+from .lm import LMSpec, cache_kwargs, load_lm, load_tokenizer
 from .merger import MergeModule
 from .rules import MergeRules
 
@@ -266,7 +266,7 @@ class MergedLM:
                            "next_id": len(e) - 1}
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         cache = DynamicCache(config=self.lm.config)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **cache_kwargs(self.lm, cache),
                       use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
         next_pos = [len(r.segments) for r in rows]  # compressed position of each row's next step (host)
@@ -328,7 +328,8 @@ class MergedLM:
                 next_pos = [p - k for p, k in zip(next_pos, merges)]
             mask = torch.cat([mask, torch.tensor(live, device=dev, dtype=mask.dtype)[:, None]], dim=1)
             out = self.lm(inputs_embeds=step_embeds, attention_mask=mask,
-                          position_ids=torch.tensor(next_pos, device=dev)[:, None], past_key_values=cache, use_cache=True)
+                          position_ids=torch.tensor(next_pos, device=dev)[:, None], **cache_kwargs(self.lm, cache),
+                          use_cache=True)
             logits = out.logits[:, -1, :].float()
             if trace:
                 for b, r in enumerate(rows):

@@ -201,7 +201,7 @@ def task_loss(lm, encoder: KTokenEncoder, batch: dict[str, torch.Tensor]) -> tup
     """
     merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(),
                                 encoder, batch["lengths"])
-    h = lm.base_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask).last_hidden_state
+    h = lm.base_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, use_cache=False).last_hidden_state
     mask, targets = task_targets(batch, merged)
     if not mask.any():
         return h.sum() * 0.0, merged  # keeps the graph when there is nothing to predict

@@ -9,7 +9,9 @@ dequantized once and cached as plain safetensors under ``$UMIM_CACHE`` (default
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -94,3 +96,19 @@ def load_lm(spec: LMSpec):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{"cache": cache}`` for a model whose ``forward`` takes ``cache`` (transformers renamed
+    ``past_key_values``, which it stops accepting in 5.40), else ``{"past_key_values": cache}``."""
+    return {_cache_argument(type(model)): cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under whichever name this transformers version uses."""
+    return out["cache"] if "cache" in out.keys() else out["past_key_values"]

@@ -15,16 +15,25 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .safe_io import check_replaceable, replace_dir, staging_dir
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "merger.safetensors"
 
+
+
+def is_merger_dir(path: Path) -> bool:
+    """Whether ``path`` is a merger folder written by :meth:`MergeModule.save_pretrained`."""
+    try:
+        return json.loads((Path(path) / CONFIG_NAME).read_text()).get("format") == "umim-merger"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 @dataclass
 class MergerConfig:
@@ -94,23 +103,19 @@ class MergeModule(nn.Module):
 
     # -- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``merger.safetensors`` into ``path`` (atomically)."""
+        """Write ``config.json`` + ``merger.safetensors`` into ``path`` (atomically); an earlier merger
+        folder there is replaced, any other non-empty folder is refused (:class:`OutputError`)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        check_replaceable(path, is_merger_dir, "merger")
+        tmp = staging_dir(path)
         try:
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps({"format": "umim-merger", "version": 1, **asdict(self.config)}, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            return replace_dir(tmp, path, is_merger_dir, "merger")
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return path
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def from_pretrained(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from .alignment_metrics import TokenReduction, alignment_metrics
@@ -18,8 +19,25 @@ from .datamodule import SegmentCollator
 from .distillation import distill_forward, teacher_hidden
 from .merger import MergeModule
 from .rules import MergeRules
+from .safe_io import write_text_atomic
 
 METRIC_KEYS = ("tr", "top1", "top3", "top10", "top_p", "mrr", "kl")
+
+
+class _Sum(Metric):
+    """A sum reduced across ranks (the KL total and the aligned-position count of the report)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("value", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor | float) -> None:
+        self.value = self.value + torch.as_tensor(value, dtype=torch.float64, device=self.value.device)
+
+    def compute(self) -> torch.Tensor:
+        return self.value
 
 
 @torch.no_grad()
@@ -31,28 +49,45 @@ def evaluate_alignment(
     chunk_size: int = 512,
     top_p: float = 0.7,
     desc: str = "evaluating",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of each variant on ``blocks`` ([n, L] token ids); values in %, KL in nats."""
+    """Metrics of each variant on ``blocks`` ([n, L] token ids); values in %, KL in nats.
+
+    With ``world_size > 1`` (every rank calls this) rank r evaluates batches r, r + W, ... and the
+    metrics are summed across ranks, so the result equals a 1-process run. Every rank runs the same
+    number of forwards (a sharded LM needs all ranks in each one): a rank without a batch of its own
+    repeats one and does not count it.
+    """
+    device = lm.device
     state = {
-        name: (SegmentCollator(rules), merger.eval(), alignment_metrics(top_p), TokenReduction(), [0.0, 0])
+        name: (SegmentCollator(rules), merger.eval(), alignment_metrics(top_p).to(device),
+               TokenReduction().to(device), _Sum().to(device), _Sum().to(device))
         for name, (rules, merger) in variants.items()
     }
-    for i in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False):
+    starts = list(range(0, len(blocks), batch_size))
+    slots = -(-len(starts) // world_size)
+    for j in tqdm(range(slots), desc=desc, leave=False, disable=rank != 0):
+        own = j * world_size + rank < len(starts)
+        i = starts[j * world_size + rank] if own else starts[0]
         chunk = list(blocks[i : i + batch_size])
         teacher_h = None
-        for collate, merger, metrics, tr, kl in state.values():
-            batch = {k: v.to(lm.device) for k, v in collate(chunk).items()}
+        for collate, merger, metrics, tr, kl, n_aligned in state.values():
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
             if teacher_h is None:
                 teacher_h = teacher_hidden(lm, batch)
-            loss, merged = distill_forward(lm, merger, batch, metrics, chunk_size, teacher_h=teacher_h)
-            n = int(merged.loss_mask.sum())
-            kl[0] += float(loss) * n
-            kl[1] += n
-            tr.update(merged.num_original, merged.num_compressed)
+            loss, merged = distill_forward(lm, merger, batch, metrics if own else None, chunk_size, teacher_h=teacher_h)
+            if own:
+                n = merged.loss_mask.sum()
+                kl.update(loss.double() * n)
+                n_aligned.update(n)
+                tr.update(merged.num_original, merged.num_compressed)
     out = {}
-    for name, (_, _, metrics, tr, kl) in state.items():
+    for name, (_, _, metrics, tr, kl, n_aligned) in state.items():
         values = {k: 100.0 * float(v) for k, v in metrics.compute().items()}
-        out[name] = {"tr": float(tr.compute()), **values, "kl": kl[0] / max(kl[1], 1), "aligned_positions": kl[1]}
+        n = float(n_aligned.compute())
+        out[name] = {"tr": float(tr.compute()), **values, "kl": float(kl.compute()) / max(n, 1.0),
+                     "aligned_positions": int(n)}
     return out
 
 
@@ -72,9 +107,8 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def write_report(results: dict, out_dir: Path, extra: dict | None = None) -> str:
-    """Write ``metrics.json`` and ``metrics.md`` into ``out_dir``; return the table."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``metrics.json`` and ``metrics.md`` into ``out_dir`` (each atomically); return the table."""
     table = markdown_table(results)
-    (out_dir / "metrics.json").write_text(json.dumps({**(extra or {}), "results": results}, indent=2))
-    (out_dir / "metrics.md").write_text(table + "\n")
+    write_text_atomic(Path(out_dir) / "metrics.json", json.dumps({**(extra or {}), "results": results}, indent=2))
+    write_text_atomic(Path(out_dir) / "metrics.md", table + "\n")
     return table

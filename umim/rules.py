@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,10 +27,16 @@ import numpy as np
 
 from .fingerprint import check_fingerprint, tokenizer_fingerprint
 from .matcher import SpanMatcher
+from .safe_io import check_replaceable, replace_dir, staging_dir
 
 FORMAT = "umim-merge-rules"
 VERSION = 1
 
+
+
+def is_rules_dir(path: Path) -> bool:
+    """Whether ``path`` is a rules folder written by :meth:`MergeRules.save`."""
+    return (Path(path) / "rules.json").is_file()
 
 class RulesFileError(ValueError):
     """A rules directory is missing, corrupted or of an unknown format."""
@@ -98,12 +103,12 @@ class MergeRules:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``rules.safetensors`` + ``rules.json`` into directory ``path`` (atomically)."""
+        """Write ``rules.safetensors`` + ``rules.json`` into directory ``path`` (atomically); an earlier
+        rules folder there is replaced, any other non-empty folder is refused (:class:`OutputError`)."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        check_replaceable(path, is_rules_dir, "rules")
+        tmp = staging_dir(path)
         try:
             tensors = {}
             for n in sorted(self.ngrams):
@@ -111,13 +116,9 @@ class MergeRules:
                 tensors[f"counts_{n}"] = np.ascontiguousarray(self.counts[n])
             save_file(tensors, str(tmp / "rules.safetensors"))
             (tmp / "rules.json").write_text(json.dumps(self.metadata(), indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            return replace_dir(tmp, path, is_rules_dir, "rules")
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return path
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, tokenizer: Any = None) -> "MergeRules":

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from umim.corpus import load_documents
 from umim.generation import MergedLM
+from umim.lm import LMSpec
 
 from .baselines.policy_generate import eager_attention
 from .compressed_inputs import continuation_nll_from, prompt_inputs
@@ -43,6 +44,10 @@ class CompareConfig:
 
     lm: str = "embedded"
     """Target LM: hub id, local folder, or "embedded"."""
+    dtype: str = "float32"
+    """LM weights dtype: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Torch device of the LM and merger; default CUDA when available, else CPU."""
     run_dir: str | None = None
     """A ``umim fit`` output folder holding ``merger/`` and ``rules/``."""
     merger: str | None = None
@@ -114,7 +119,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     (TRs are means over examples).
     """
     t0 = time.perf_counter()
-    m = merged_lm or MergedLM.load(cfg.lm, merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir)
+    m = merged_lm or MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules,
+                                   run_dir=cfg.run_dir, device=cfg.device)
     examples = load_examples(cfg.data, cfg.split, m.tokenizer, cfg.n_samples, cfg.context_tokens, cfg.target_tokens)
     for t in cfg.targets:
         if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):

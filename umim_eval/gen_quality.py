@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from umim.generation import MergedLM, SamplingConfig
+from umim.lm import LMSpec
 
 from . import generation_metrics as gm
 from .results import markdown_table, write_results
@@ -54,6 +55,8 @@ class GenQualityConfig:
 
     lm: str = "embedded"
     """LM: hub id, local folder, or "embedded" (offline SmolLM2-135M)."""
+    dtype: str = "float32"
+    """LM weights dtype: float32, bfloat16 or float16."""
     run_dir: str | None = None
     """Training run folder holding ``merger/`` and ``rules/``."""
     merger: str | None = None
@@ -193,7 +196,8 @@ def run_gen_quality(cfg: GenQualityConfig, progress: bool = True, model: MergedL
     if model is None:
         if cfg.run_dir is None and (cfg.merger is None or cfg.rules is None):
             raise ValueError("give run_dir, or both merger and rules, for the merged model")
-        model = MergedLM.load(cfg.lm, merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir, device=cfg.device)
+        model = MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir,
+                              device=cfg.device)
     if model.merger is None or model.rules is None:
         raise ValueError("the merged model needs a merger and rules")
     tok = model.tokenizer

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from umim.corpus import load_documents, tokenize_documents
 from umim.generation import MergedLM
+from umim.lm import LMSpec
 
 from .results import fmt, markdown_table, pct
 
@@ -29,6 +30,10 @@ class PPLConfig:
 
     lm: str = "embedded"
     """Target LM: hub id, local folder, or "embedded"."""
+    dtype: str = "float32"
+    """LM weights dtype: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Torch device of the LM and merger; default CUDA when available, else CPU."""
     run_dir: str | None = None
     """A ``umim fit`` output folder holding ``merger/`` and ``rules/``."""
     merger: str | None = None
@@ -67,7 +72,8 @@ def run_ppl(cfg: PPLConfig, progress: bool = True, merged_lm: MergedLM | None = 
     if not cfg.datasets:
         raise ValueError("no datasets given")
     t0 = time.perf_counter()
-    m = merged_lm or MergedLM.load(cfg.lm, merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir)
+    m = merged_lm or MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules,
+                                   run_dir=cfg.run_dir, device=cfg.device)
     if m.merger is None or m.rules is None:
         raise ValueError("umim-eval ppl needs a merger and rules (run_dir, or merger + rules)")
     rows: dict[str, dict] = {"base": {}, "umim": {}}

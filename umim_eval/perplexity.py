@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from umim.batch import build_merged_batch
+from umim.lm import cache_kwargs, output_cache
 from umim.merger import MergeModule
 from umim.rules import MergeRules
 from umim_eval.token_nll import token_nll
@@ -192,7 +193,7 @@ def two_stage_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids:
         mask = torch.zeros(allow.shape, dtype=dtype, device=device).masked_fill(~allow, torch.finfo(dtype).min)
 
         out_b = lm(inputs_embeds=q_embeds, attention_mask=mask, position_ids=q_pos,
-                   past_key_values=out.past_key_values, use_cache=True)
+                   **cache_kwargs(lm, output_cache(out)), use_cache=True)
         rows_b, tgt_b = q_valid.nonzero(as_tuple=True)[0], t[q_valid]
         per_token[rows_b, tgt_b] = token_nll(out_b.logits[q_valid], ids[rows_b, tgt_b])
         n_scored = n_scored + torch.bincount(rows_b, minlength=B)

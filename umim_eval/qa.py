@@ -41,6 +41,8 @@ class QAConfig:
     """``umim`` (per-request match to UMIM's TR) or a fixed TR such as ``0.1`` for the compressors."""
     batch_size: int = 8
     """lm-eval batch size (base and umim; compressors score one request at a time)."""
+    dtype: str = "float32"
+    """LM weights dtype: float32, bfloat16 or float16."""
     device: str | None = None
     """Torch device (default: CUDA when available, else CPU)."""
     out_dir: str = "results/qa"
@@ -50,7 +52,7 @@ class QAConfig:
 def _model(cfg: QAConfig, method: str):
     from .lm_eval_model import UMIMLM
 
-    kw = {"pretrained": cfg.lm, "batch_size": cfg.batch_size, "device": cfg.device}
+    kw = {"pretrained": cfg.lm, "batch_size": cfg.batch_size, "device": cfg.device, "dtype": cfg.dtype}
     if method == "base":
         return UMIMLM(merge="none", **kw)
     if cfg.run_dir is None and (method == "umim" or cfg.ratio == "umim"):

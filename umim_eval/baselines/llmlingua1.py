@@ -47,6 +47,8 @@ from typing import ClassVar
 
 import torch
 
+from umim.lm import cache_kwargs, output_cache
+
 from ..token_nll import token_nll
 from .base import CompressedPrompt, PromptCompressor, check_ratio
 from .match_tr import match_tr
@@ -93,7 +95,7 @@ def iterative_compress(lm, ids: list[int], rate: float, iterative_size: int = 20
         seg = list(range(s, min(n, s + iterative_size)))
         pending = kept[n_cached:] if use_cache else kept  # kept, but not yet run through the LM
         feed = torch.tensor([[ids[i] for i in pending + seg]], device=dev)
-        out = lm(input_ids=feed, past_key_values=cache if use_cache else None, use_cache=use_cache)
+        out = lm(input_ids=feed, **cache_kwargs(lm, cache if use_cache else None), use_cache=use_cache)
         p = len(pending)
         # logits at feed position q predict position q + 1; the first token of all has no context
         loss = torch.full((len(seg),), float("inf"), dtype=torch.float64)
@@ -105,7 +107,7 @@ def iterative_compress(lm, ids: list[int], rate: float, iterative_size: int = 20
             # keep the KV of the committed prefix; at least one kept token must stay pending so the
             # next segment's first token has a logit to be scored by
             n_cached = min(len(kept), len(kept) + len(new) - 1)
-            cache = out.past_key_values if n_cached else None
+            cache = output_cache(out) if n_cached else None
             if cache is not None and cache.get_seq_length() > n_cached:
                 cache.crop(n_cached - cache.get_seq_length())  # transformers 5: negative = tokens to drop
         kept += new

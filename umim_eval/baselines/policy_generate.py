@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from umim.generation import SamplingConfig
+from umim.lm import cache_kwargs
 
 from .base import KVPolicy
 from .policy_nll import evict
@@ -114,7 +115,7 @@ def policy_generate(lm, prompt_ids: list[int], policy: KVPolicy, sampling: Sampl
         q = len(chunk)
         T = cache.get_seq_length()
         out = lm(input_ids=chunk[None].to(dev), attention_mask=torch.ones(1, T + q, dtype=torch.long, device=dev),
-                 position_ids=torch.arange(start, start + q, device=dev)[None], past_key_values=cache,
+                 position_ids=torch.arange(start, start + q, device=dev)[None], **cache_kwargs(lm, cache),
                  use_cache=True, output_attentions=want_attn, logits_to_keep=1)
         evict(cache, pos, policy, torch.arange(start, start + q), policy.budget(start + q, n_total, schedule),
               out.attentions if want_attn else None)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from umim.lm import cache_kwargs
+
 from ..token_nll import token_nll
 from .base import KVPolicy
 
@@ -161,7 +163,7 @@ def _step_by_step(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str, prompt
     for t in range(L - 1):
         T = cache.get_seq_length()
         out = lm(input_ids=ids[:, t : t + 1], attention_mask=torch.ones(B, T + 1, dtype=torch.long, device=dev),
-                 position_ids=torch.full((B, 1), t, device=dev), past_key_values=cache, use_cache=True,
+                 position_ids=torch.full((B, 1), t, device=dev), **cache_kwargs(lm, cache), use_cache=True,
                  output_attentions=policy.needs_attentions)
         nll[:, t + 1] = token_nll(out.logits[:, -1:], ids[:, t + 1 : t + 2])[:, 0].cpu()
         evict(cache, pos, policy, torch.tensor([t]), policy.budget(t + 1, _n_total(L, schedule, prompt_len), schedule),
