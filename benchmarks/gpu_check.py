@@ -93,7 +93,7 @@ def main() -> int:
     print(f"model and corpus built in {time.perf_counter() - t0:.0f} s", flush=True)
     figures = []
     strategies = {"ddp": ["--trainer.strategy", "ddp"],
-                  "sharded": ["--trainer.strategy", "umim.strategy.DecoderLayerFSDP"]}
+                  "sharded": ["--trainer.strategy.class_path", "umim.strategy.DecoderLayerFSDP"]}
     for name, strategy in strategies.items():
         run = work / name
         cmd = [sys.executable, "-m", "umim.cli", "fit", "--config", str(ROOT / "conf" / "llama3.2-1b.yaml"),

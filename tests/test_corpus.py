@@ -63,3 +63,55 @@ def test_pack_blocks_inserts_separators_and_drops_the_tail():
     blocks = pack_blocks(ids, np.array([0, 4, 10]), block_size=4, sep=99)
     assert blocks.tolist() == [[0, 1, 2, 3], [99, 4, 5, 6]]
     assert pack_blocks(ids, np.array([0, 10]), 20, sep=None).shape == (0, 20)
+
+
+# -- hf: corpora from local folders in the hub layouts -----------------------------------------------
+ROWS = {s: [{"text": f" = {s} heading {i} = "} if i % 5 == 0 else {"text": ""} if i % 5 == 1 else
+            {"text": f"{s} paragraph number {i} about the quick brown fox"} for i in range(60)]
+        for s in ("train", "validation", "test")}
+
+
+def _expected(split: str) -> list[str]:
+    return [r["text"] for r in ROWS[split] if r["text"].strip()]
+
+
+def test_hf_parquet_and_jsonl_hub_layouts(tmp_path):
+    import datasets
+
+    for fmt in ("parquet", "json"):
+        root = tmp_path / fmt / "data"
+        root.mkdir(parents=True)
+        for split, rows in ROWS.items():
+            ds = datasets.Dataset.from_list(rows)
+            if fmt == "parquet":
+                ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+            else:
+                ds.to_json(str(root / f"{split}.jsonl"))
+        for split in ROWS:
+            # headings are documents of their own, blank rows are dropped
+            assert load_documents(f"hf:{tmp_path / fmt}", split) == _expected(split)
+
+
+def test_hf_save_to_disk_folder(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in ROWS.items()}).save_to_disk(str(tmp_path / "d"))
+    assert load_documents(f"hf:{tmp_path / 'd'}", "validation") == _expected("validation")
+    datasets.Dataset.from_list(ROWS["train"]).save_to_disk(str(tmp_path / "single"))  # a Dataset: train only
+    assert load_documents(f"hf:{tmp_path / 'single'}", "test") == _expected("train")[19::20]
+
+
+def test_hf_train_only_dataset_gets_a_deterministic_carve_out(tmp_path):
+    import datasets
+
+    root = tmp_path / "t" / "data"
+    root.mkdir(parents=True)
+    datasets.Dataset.from_list(ROWS["train"]).to_parquet(str(root / "train-00000-of-00001.parquet"))
+    spec = f"hf:{tmp_path / 't'}"
+    splits = {s: load_documents(spec, s) for s in ("train", "validation", "test")}
+    docs = _expected("train")
+    assert splits["validation"] == docs[18::20] and splits["test"] == docs[19::20]
+    assert sorted(splits["train"] + splits["validation"] + splits["test"]) == sorted(docs)
+    assert splits == {s: load_documents(spec, s) for s in splits}  # deterministic
+    with pytest.raises(CorpusError, match="no column 'body'"):
+        load_documents(spec, "train", text_field="body")

@@ -208,3 +208,15 @@ def test_generate_cli_json_and_brackets(setup, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "lm"), "--run-dir", str(tmp_path / "nowhere"),
                  "--prompt", "x"]) == 2
     assert "no merger" in capsys.readouterr().err
+
+
+def test_decoding_uses_no_deprecated_transformers_argument(setup):
+    """transformers renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40): our calls
+    use the name the installed version takes, so decoding raises no deprecation warning."""
+    import warnings
+
+    lm, tok, merger, rules = setup
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MergedLM(lm, tok, merger, rules).generate(PROMPTS[0], "dynamic", SamplingConfig(max_new_tokens=8))
+    assert not [str(w.message) for w in caught if "deprecated" in str(w.message)]

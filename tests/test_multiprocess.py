@@ -42,6 +42,13 @@ class Runs:
         self.assets, self.root, self.done = assets, root, {}
 
     def fit(self, name: str, config: str, family: str, devices: int = 2, extra: tuple = (), out: str | None = None):
+        """`umim fit` of a paper config (UMIM's own settings)."""
+        return self.run(name, config, devices, out, (
+            "--model.lm.name_or_path", str(self.assets[family]), "--data.corpus", str(self.assets["corpus"]),
+            "--data.block_size", "64", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--data.max_eval_blocks", "4", "--model.loss_chunk_size", "64", *extra))
+
+    def run(self, name: str, config: str, devices: int, out: str | None, extra: tuple):
         key = (name, out)
         if key in self.done:
             return self.done[key]
@@ -50,9 +57,6 @@ class Runs:
             sys.executable, "-m", "umim.cli", "fit", "--config", str(ROOT / "conf" / f"{config}.yaml"),
             "--trainer.default_root_dir", str(out_dir), "--trainer.accelerator", "cpu",
             "--trainer.devices", str(devices), "--trainer.precision", "32-true",
-            "--model.lm.name_or_path", str(self.assets[family]), "--data.corpus", str(self.assets["corpus"]),
-            "--data.block_size", "64", "--data.batch_size", "2", "--data.num_workers", "0",
-            "--data.max_eval_blocks", "4", "--model.loss_chunk_size", "64",
             "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out_dir),
@@ -166,3 +170,28 @@ def test_mixed_precision_keeps_buffers_and_trainable_state_fp32(runs):
         "--trainer.callbacks+=tiny_families.CheckPrecision"))
     ok(proc)
     assert json.loads((runs.root / "bf16" / "metrics.json").read_text())["train"]["precision"] == "bf16-mixed"
+
+
+def test_any_frozen_lm_module_trains_sharded(runs):
+    """K-Token Merging's LoRA recipe (trainable adapters inside the sharded decoder layers, a trainable
+    encoder in its own unit) on 2 processes: DDP and FSDP2 export the same encoder and adapter."""
+    exported = {}
+    for strategy in ("ddp", "sharded"):
+        name = f"ktoken-lora-{strategy}"
+        chosen = ("--trainer.strategy", "ddp") if strategy == "ddp" else \
+            ("--trainer.strategy.class_path", "umim.strategy.DecoderLayerFSDP")
+        proc = runs.run(name, "ktoken", 2, None, (
+            "--model.class_path", "umim.ktoken_training.KTokenLoRA", *chosen,
+            "--model.init_args.lm.name_or_path", str(runs.assets["llama-tied"]),
+            "--model.init_args.export_dir", str(runs.root / name / "ktoken"),
+            "--data.init_args.corpus", str(runs.assets["corpus"]), "--data.init_args.block_size", "64"))
+        ok(proc)
+        folder = runs.root / name / "ktoken"
+        exported[strategy] = {**load_file(folder / "encoder.safetensors"),
+                              **load_file(folder / "adapter" / "adapter_model.safetensors")}
+        last = checkpoint(runs.root / name / "checkpoints" / "last.ckpt")["state_dict"]
+        assert all(k.startswith("encoder.") or "lora_" in k for k in last)  # adapters, never the base LM
+    assert exported["ddp"].keys() == exported["sharded"].keys() and any("lora_B" in k for k in exported["ddp"])
+    for k, v in exported["ddp"].items():
+        torch.testing.assert_close(exported["sharded"][k], v, rtol=1e-5, atol=1e-6)
+    assert any(float(v.abs().max()) > 0 for k, v in exported["ddp"].items() if "lora_B" in k)  # adapters trained

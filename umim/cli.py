@@ -67,6 +67,8 @@ def mine_main(argv: list[str]) -> int:
     from .fingerprint import tokenizer_fingerprint
     from .lm import LMSpec, load_tokenizer
     from .mining import FILTER_STAGES, MiningError, mine_rules
+    from .rules import is_rules_dir
+    from .safe_io import check_replaceable
 
     p = argparse.ArgumentParser(prog="umim mine", description="Mine frequent n-gram merge rules from a corpus.")
     p.add_argument("--tokenizer", required=True, help='hub id, local folder, or "embedded" (offline SmolLM2)')
@@ -86,6 +88,7 @@ def mine_main(argv: list[str]) -> int:
                         "then defaults to 1 and --filters to none")
     p.add_argument("--max-tokens", type=int, default=0, help="use only the first N corpus tokens (0 = all)")
     a = p.parse_args(argv)
+    check_replaceable(a.out, is_rules_dir, "rules")  # before any work
     if a.model_prob is not None:
         return _mine_model_prob(a, argv)
 
@@ -203,15 +206,20 @@ def generate_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int | None:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] == "mine":
-        return mine_main(args[1:])
-    if args and args[0] == "generate":
-        return generate_main(args[1:])
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from .safe_io import OutputError
+
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and args[0] == "mine":
+            return mine_main(args[1:])
+        if args and args[0] == "generate":
+            return generate_main(args[1:])
         build_cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+    except OutputError as e:  # refused before anything was written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except SIGTERMException:
         return 143  # interrupted (SIGTERM or Ctrl+C): last.ckpt was saved, resume with --ckpt_path last
     return 0

@@ -37,6 +37,7 @@ from .fingerprint import tokenizer_fingerprint
 from .frozen_lm_module import STAGES, FrozenLMModule
 from .ktoken import KTokenConfig, KTokenEncoder, check_k, kblock_segments
 from .lm import LMSpec, load_lm, load_tokenizer
+from .strategy import load_trainable_state_dict, trainable_state_dict
 
 ADAPTER_DIR = "adapter"
 
@@ -85,8 +86,9 @@ def add_lora(lm, settings: LoRASettings) -> None:
         p.requires_grad_("lora_" in name)
 
 
-def save_adapter(lm, path: str | Path) -> Path:
-    """Write ``lm``'s LoRA adapter in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+def save_adapter(lm, path: str | Path, lm_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``lm``'s LoRA adapter in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``);
+    ``lm_state``: the LM's (gathered) state dict to take the adapter weights from, default its own."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -95,7 +97,12 @@ def save_adapter(lm, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lm.peft_config["default"].save_pretrained(str(path))
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(lm).items()}
+    if lm_state is None:
+        state = get_peft_model_state_dict(lm)
+    else:  # peft's get_peft_model_state_dict(lm, state_dict=...) returns {} once the layers are wrapped for
+        # activation checkpointing (peft 0.21): name the adapter weights as peft does (no adapter name)
+        state = {k.replace(".default.", "."): v for k, v in lm_state.items() if "lora_" in k}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(path / "adapter_model.safetensors"))
     return path
 
@@ -266,24 +273,33 @@ class KTokenModule(FrozenLMModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters())
 
-    def export(self, path: str | Path) -> Path:
-        """Write the encoder into ``path`` (a stale ``adapter/`` there is removed)."""
+    def export(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the encoder into ``path`` (a stale ``adapter/`` there is removed).
+
+        ``weights``: full tensors of the trained state (``encoder.*``, adapters); default this
+        module's own, which must then not be sharded."""
         path = Path(path)
-        self.encoder.save_pretrained(path)
+        weights = trainable_state_dict(self, self.keeps_in_checkpoint) if weights is None else weights
+        encoder = KTokenEncoder(self.encoder.config)
+        encoder.load_state_dict({k[len("encoder.") :]: v for k, v in weights.items() if k.startswith("encoder.")})
+        encoder.save_pretrained(path)
         shutil.rmtree(path / ADAPTER_DIR, ignore_errors=True)
         return path
 
-    def on_fit_end(self) -> None:
-        """Export the best checkpoint's weights (the final ones when no checkpoint monitors a metric)."""
-        if not (self.export_dir and self.trainer.is_global_zero):
+    def on_train_end(self) -> None:
+        """Export the best checkpoint's weights (the final ones when no checkpoint monitors a metric).
+
+        Every rank takes part (sharded weights are loaded and gathered collectively); rank 0 writes."""
+        if not self.export_dir:
             return
         cb = self.trainer.checkpoint_callback
         best = getattr(cb, "best_model_path", "") if cb is not None else ""
-        if best:
-            # the checkpoint holds only the trained weights (encoder, adapters): load them non-strictly
-            self.load_state_dict(torch.load(best, map_location=self.device, weights_only=True)["state_dict"], strict=False)
-        which = f"best checkpoint {best}" if best else "final weights"
-        print(f"K-token merging (K={self.ktoken.k}, {which}) exported to {self.export(self.export_dir)}")
+        if best:  # the checkpoint holds only the trained weights (encoder, adapters)
+            load_trainable_state_dict(self, torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        weights = trainable_state_dict(self, self.keeps_in_checkpoint)
+        if self.trainer.is_global_zero:
+            which = f"best checkpoint {best}" if best else "final weights"
+            print(f"K-token merging (K={self.ktoken.k}, {which}) exported to {self.export(self.export_dir, weights)}")
 
 
 class KTokenDistillation(KTokenModule):
@@ -384,7 +400,8 @@ class KTokenLoRA(KTokenModule):
     def keeps_lm_weight(self, key: str) -> bool:
         return "lora_" in key  # the adapters are trained; the base LM is not
 
-    def export(self, path: str | Path) -> Path:
-        path = super().export(path)
-        save_adapter(self.lm, path / ADAPTER_DIR)
+    def export(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        weights = trainable_state_dict(self, self.keeps_in_checkpoint) if weights is None else weights
+        path = super().export(path, weights)
+        save_adapter(self.lm, path / ADAPTER_DIR, {k[len("lm.") :]: v for k, v in weights.items() if k.startswith("lm.")})
         return path

@@ -9,7 +9,8 @@ FrozenLMModule` trains sharded without code of its own and one YAML works on 1 a
   train/eval mode (the frozen LM stays in eval mode, where Hugging Face's own checkpointing is off);
 * the input embedding and the output head in one unit (one tensor when they are tied), because our
   code calls them outside the LM's root ``forward`` (``embeddings(ids)``, ``lm_head(h)`` per chunk);
-  the base model's remaining parameters (final norm, GPT-2's position table) in the base model's unit;
+  the base model's remaining parameters (final norm, GPT-2's position table) in the base model's
+  unit; the whole LM is the root unit;
 * the trainable modules (the merger, the K-token encoder) in units of their own: their parameters,
   gradients and optimizer state stay fp32;
 * under ``bf16-mixed``/``16-mixed`` the frozen LM's units all-gather in that dtype; buffers (RoPE
@@ -84,6 +85,11 @@ def shard_frozen_lm_module(
         if head is not None:
             fully_shard(head, **frozen)
     fully_shard(lm.base_model, **frozen)
+    fully_shard(lm, **frozen)
+    # FSDP2 takes the first unit that runs forward as the root of all units below it; our code calls
+    # the embedding or the base model directly, and an embedding/head group cannot be a root ("FSDP
+    # requires a single root module"): make the whole LM the root now
+    lm._get_fsdp_state()._lazy_init()
     for name, child in module.named_children():
         if child is not lm and any(p.requires_grad for p in child.parameters()):
             fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward)  # fp32 params and grads
