@@ -166,6 +166,35 @@ def test_results_write_is_atomic(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_interrupted_compare_keeps_its_pieces_and_resumes(tiny, compare_result, tmp_path, monkeypatch):
+    """A run that fails half-way keeps every scored example in its journal; the rerun scores only the
+    rest and gives the uninterrupted result."""
+    import umim_eval.compare as compare
+    from umim_eval.results import Journal
+
+    cfg = compare.CompareConfig(data="pydoc", n_samples=4, context_tokens=48, target_tokens=16,
+                                methods=["umim", "select_context", "streaming_llm"], targets=["umim", 0.0, 0.25])
+    real, calls, cut = compare._score, [], [True]
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 9 and cut and cut.pop():
+            raise RuntimeError("power cut")
+        return real(*args)
+
+    monkeypatch.setattr(compare, "_score", failing)
+    with pytest.raises(RuntimeError, match="power cut"):
+        compare.run_compare(cfg, progress=False, merged_lm=tiny["m"], journal=Journal(tmp_path, "compare", vars(cfg)))
+    journal = Journal(tmp_path, "compare", vars(cfg))
+    assert journal.resumed == 8
+    calls.clear()
+    resumed = compare.run_compare(cfg, progress=False, merged_lm=tiny["m"], journal=journal)
+    total = 4 + 4 * (1 + 2 * 3)  # base, then umim at its own TR and two methods at three targets
+    assert len(calls) == total - 8
+    assert resumed["rows"] == compare_result["rows"] and resumed["base"] == compare_result["base"]
+    assert Journal(tmp_path, "compare", {**vars(cfg), "n_samples": 3}).resumed == 0  # other settings: afresh
+
+
 # -- qa through lm-eval --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qa_result(tiny):

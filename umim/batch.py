@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .merger import MergeModule
+from .rules import MAX_N
 
-MAX_SPAN = 4
+MAX_SPAN = MAX_N  # spans of 2..4 tokens
 
 
 class AlignmentError(RuntimeError):

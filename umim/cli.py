@@ -66,7 +66,7 @@ def mine_main(argv: list[str]) -> int:
     from .corpus import load_documents, tokenize_documents
     from .fingerprint import tokenizer_fingerprint
     from .lm import LMSpec, load_tokenizer
-    from .mining import FILTER_STAGES, MiningError, mine_rules
+    from .mining import FILTER_STAGES, mine_rules
     from .rules import is_rules_dir
     from .safe_io import check_replaceable
 
@@ -88,22 +88,20 @@ def mine_main(argv: list[str]) -> int:
                         "then defaults to 1 and --filters to none")
     p.add_argument("--max-tokens", type=int, default=0, help="use only the first N corpus tokens (0 = all)")
     a = p.parse_args(argv)
+    if a.max_tokens < 0:
+        p.error(f"--max-tokens {a.max_tokens}: give 0 (all tokens) or a positive count")
     check_replaceable(a.out, is_rules_dir, "rules")  # before any work
     if a.model_prob is not None:
         return _mine_model_prob(a, argv)
 
     t0 = time.perf_counter()
     tok = load_tokenizer(LMSpec(a.tokenizer, a.gguf_file))
-    ids, offsets = tokenize_documents(load_documents(a.data, a.split), tok)
+    ids, offsets = _head(*tokenize_documents(load_documents(a.data, a.split), tok), a.max_tokens)
     t1 = time.perf_counter()
-    try:
-        rules = mine_rules(
-            ids, offsets, tokenizer_fingerprint(tok), a.min_count, a.min_n, a.max_n,
-            [] if a.no_filter else a.filters, corpus=f"{a.data}:{a.split}",
-        )
-    except MiningError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rules = mine_rules(
+        ids, offsets, tokenizer_fingerprint(tok), a.min_count, a.min_n, a.max_n,
+        [] if a.no_filter else a.filters, corpus=f"{a.data}:{a.split}",
+    )
     t2 = time.perf_counter()
     rules.save(a.out)
     print(f"tokens scanned: {rules.tokens_scanned:,} ({len(offsets) - 1:,} documents)")
@@ -115,37 +113,44 @@ def mine_main(argv: list[str]) -> int:
     return 0
 
 
-def _mine_model_prob(a, argv: list[str]) -> int:
-    """``umim mine --model-prob T``: one batched forward per block of the corpus."""
+def _head(ids, offsets, max_tokens: int):
+    """The whole documents within the first ``max_tokens`` tokens (at least one document; 0 = all)."""
     import numpy as np
 
+    if not max_tokens:
+        return ids, offsets
+    keep = int(np.searchsorted(offsets, max_tokens, side="right"))
+    offsets = offsets[: max(keep, 2)]
+    return ids[: offsets[-1]], offsets
+
+
+def _mine_model_prob(a, argv: list[str]) -> int:
+    """``umim mine --model-prob T``: one batched forward per block of the corpus."""
     from .corpus import load_documents, tokenize_documents
     from .lm import LMSpec, load_lm, load_tokenizer
-    from .mining import MiningError
     from .prob_rules import mine_model_prob_rules
 
     spec = LMSpec(a.tokenizer, a.gguf_file)
     t0 = time.perf_counter()
     tok, lm = load_tokenizer(spec), load_lm(spec)
-    ids, offsets = tokenize_documents(load_documents(a.data, a.split), tok)
-    if a.max_tokens:
-        keep = int(np.searchsorted(offsets, a.max_tokens, side="right"))  # whole documents only
-        offsets = offsets[: max(keep, 2)]
-        ids = ids[: offsets[-1]]
+    ids, offsets = _head(*tokenize_documents(load_documents(a.data, a.split), tok), a.max_tokens)
     min_count = a.min_count if "--min-count" in argv else 1
     filters = a.filters if "--filters" in argv else []
-    try:
-        rules = mine_model_prob_rules(lm, tok, ids, offsets, threshold=a.model_prob, min_n=a.min_n, max_n=a.max_n,
-                                      min_count=min_count, filters=[] if a.no_filter else filters,
-                                      corpus=f"{a.data}:{a.split}")
-    except MiningError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rules = mine_model_prob_rules(lm, tok, ids, offsets, threshold=a.model_prob, min_n=a.min_n, max_n=a.max_n,
+                                  min_count=min_count, filters=[] if a.no_filter else filters,
+                                  corpus=f"{a.data}:{a.split}")
     rules.save(a.out)
     print(f"model-probability rules (p > {a.model_prob}) from {len(ids):,} tokens: "
           + ", ".join(f"{n}-grams {k:,}" for n, k in rules.num_rules().items()))
     print(f"wall time {time.perf_counter() - t0:.1f} s; saved to {a.out}")
     return 0
+
+
+def _unescape(text: str) -> str:
+    """Shell arguments cannot carry a newline conveniently: read \\n, \\t, \\r and \\\\ as escapes."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 
 def generate_main(argv: list[str]) -> int:
@@ -159,6 +164,8 @@ def generate_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="umim generate", description="Generate text with UMIM merging.")
     p.add_argument("--model", default="embedded", help='hub id, local folder, or "embedded" (default)')
     p.add_argument("--gguf-file", default=None)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="LM weights dtype")
+    p.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
     p.add_argument("--run-dir", default="runs/default", help="training output with merger/ and rules/ (default run)")
     p.add_argument("--merger", default=None, help="merger folder (default: RUN_DIR/merger)")
     p.add_argument("--rules", default=None, help="rules folder (default: RUN_DIR/rules)")
@@ -170,7 +177,8 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=_unescape,
+                   help=r"stop string (repeatable); \n, \t, \r and \\ are read as escapes, so --stop '\n\n' works")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
 
@@ -183,8 +191,8 @@ def generate_main(argv: list[str]) -> int:
                 hint = " Run `umim fit --config conf/default.yaml` first." if a.run_dir == "runs/default" else ""
                 print(f"error: no {what} at {path}.{hint} (or pass --{what}, or --merge none)", file=sys.stderr)
                 return 2
-    model = MergedLM.load(LMSpec(a.model, a.gguf_file), merger=merger if a.merge != "none" else None,
-                          rules=rules if a.merge != "none" else None)
+    model = MergedLM.load(LMSpec(a.model, a.gguf_file, a.dtype), merger=merger if a.merge != "none" else None,
+                          rules=rules if a.merge != "none" else None, device=a.device)
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop)
     r = model.generate(a.prompt, a.merge, cfg)[0]
@@ -205,24 +213,25 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int | None:
+def _dispatch(args: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .safe_io import OutputError
-
-    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "mine":
+        return mine_main(args[1:])
+    if args and args[0] == "generate":
+        return generate_main(args[1:])
     try:
-        if args and args[0] == "mine":
-            return mine_main(args[1:])
-        if args and args[0] == "generate":
-            return generate_main(args[1:])
-        build_cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
-    except OutputError as e:  # refused before anything was written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        build_cli(args)
     except SIGTERMException:
         return 143  # interrupted (SIGTERM or Ctrl+C): last.ckpt was saved, resume with --ckpt_path last
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``umim fit|validate|test|mine|generate``; user errors are one line and exit code 2 (see ``umim.errors``)."""
+    from .errors import cli_entry
+
+    return cli_entry(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,18 @@ import json
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .errors import UserError
+
 SPLITS = ("train", "validation", "test")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus spec cannot be resolved or holds no text."""
 
 
@@ -66,6 +69,17 @@ def _fortunes() -> list[str]:
     return [d.strip() for d in re.split(r"\n%\n", path.read_text(encoding="utf-8", errors="replace")) if d.strip()]
 
 
+def _read_text(f: Path) -> str:
+    """A corpus file's text; binary and non-UTF-8 files are refused (they would mine rules of U+FFFD)."""
+    data = f.read_bytes()
+    if b"\0" in data[:65536]:
+        raise CorpusError(f"{f} is a binary file, not text: remove it from the corpus")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{f} is not UTF-8 text (byte {e.start}): convert it, e.g. iconv -f latin1 -t utf-8") from e
+
+
 def _local(spec: str) -> list[str]:
     p = Path(spec)
     files = sorted(p.rglob("*")) if p.is_dir() else [Path(f) for f in sorted(glob.glob(spec))]
@@ -74,14 +88,17 @@ def _local(spec: str) -> list[str]:
         raise CorpusError(f"corpus {spec!r}: no .txt/.jsonl/.md/.rst file found")
     docs: list[str] = []
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = _read_text(f)
         if f.suffix == ".jsonl":
             for ln, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
-                        docs.append(json.loads(line)["text"])
+                        doc = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise CorpusError(f"{f}:{ln}: expected a JSON object with a 'text' field ({e})") from e
+                    if not isinstance(doc, str):
+                        raise CorpusError(f"{f}:{ln}: 'text' is a {type(doc).__name__}, not a string")
+                    docs.append(doc)
         else:
             docs.extend(par.strip() for par in re.split(r"\n\s*\n", text) if par.strip())
     return docs
@@ -164,8 +181,8 @@ def tokenized_corpus(spec: str, split: str, tokenizer, fingerprint: dict, cache:
         try:
             with np.load(path) as z:
                 return z["ids"], z["offsets"]
-        except (OSError, ValueError, KeyError):
-            path.unlink()  # corrupted cache entry: rebuild it
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            path.unlink(missing_ok=True)  # a truncated or damaged cache entry (ours): rebuild it
     ids, offsets = tokenize_documents(docs, tokenizer, progress=progress)
     if ids.size == 0:
         raise CorpusError(f"corpus {spec!r} split {split!r} tokenizes to zero tokens")

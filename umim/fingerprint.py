@@ -10,6 +10,8 @@ import hashlib
 import json
 from typing import Any
 
+from .errors import UserError
+
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict:
     """Name, vocabulary size and a SHA-256 of the sorted (token, id) pairs of ``tokenizer``."""
@@ -22,7 +24,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
     }
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError):
     """Raised when an artifact was built for another tokenizer than the one in use."""
 
 

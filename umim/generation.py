@@ -41,11 +41,16 @@ from transformers import (
 
 from . import kv_cache
 from .fingerprint import tokenizer_fingerprint
+from .errors import UserError
 from .lm import LMSpec, cache_kwargs, load_lm, load_tokenizer
 from .merger import MergeModule
 from .rules import MergeRules
 
 MODES = ("none", "prompt", "dynamic")
+
+
+class GenerationError(UserError):
+    """Bad decoding settings or prompts."""
 
 
 @dataclass
@@ -62,6 +67,21 @@ class SamplingConfig:
     stop_strings: list[str] = field(default_factory=list)
     eos_token_id: int | list[int] | None = None
     """Default: the tokenizer's EOS."""
+
+    def __post_init__(self):
+        bad = None
+        if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
+            bad = f"max_new_tokens {self.max_new_tokens!r}: give a positive number of tokens"
+        elif not 0.0 < self.top_p <= 1.0:
+            bad = f"top_p {self.top_p!r}: give a probability mass in (0, 1] (1 disables top-p)"
+        elif self.top_k < 0:
+            bad = f"top_k {self.top_k!r}: give 0 (off) or a positive count"
+        elif self.do_sample and not self.temperature > 0.0:
+            bad = f"temperature {self.temperature!r}: sampling needs a temperature above 0 (or drop do_sample)"
+        elif any(not isinstance(x, str) or x == "" for x in self.stop_strings):
+            bad = f"stop strings {self.stop_strings!r}: each must be a non-empty string"
+        if bad:
+            raise GenerationError(bad)
 
     def processors(self) -> LogitsProcessorList:
         """The warpers HF ``generate`` applies, in its order (temperature, top-k, top-p)."""
@@ -217,20 +237,41 @@ class MergedLM:
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
+    def _prompt_ids(self, prompts) -> list[list[int]]:
+        """Token ids of each prompt: a string, a list of token ids, or a list of either."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
+                                        all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise GenerationError(f"prompts: give a string, a list of token ids, or a list of those, "
+                                  f"not {type(prompts).__name__}")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = list(self.tokenizer(p, add_special_tokens=False)["input_ids"])
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                ids = list(p)
+            else:
+                raise GenerationError(f"prompt of type {type(p).__name__}: give a string or a list of token ids "
+                                      "(decode bytes first)")
+            if not ids:
+                raise GenerationError("empty prompt: give at least one token to condition on")
+            if min(ids) < 0 or max(ids) >= self.embed.num_embeddings:
+                raise GenerationError(f"prompt token ids must lie in [0, {self.embed.num_embeddings}), "
+                                      f"got {min(ids)}..{max(ids)}")
+            out.append(ids)
+        return out
+
     def generate(self, prompts, mode: str = "dynamic", sampling: SamplingConfig | None = None,
                  compact_every: int = 16, trace: bool = False) -> list[GenerationResult]:
         """Generate for a batch of prompts (strings or token-id lists)."""
         if mode not in MODES:
-            raise ValueError(f"unknown merge mode {mode!r}; choose from {MODES}")
+            raise GenerationError(f"unknown merge mode {mode!r}; choose from {MODES}")
         if mode != "none" and (self.merger is None or self.rules is None):
-            raise ValueError(f"merge mode {mode!r} needs a merger and rules")
+            raise GenerationError(f"merge mode {mode!r} needs a merger and rules")
         cfg = sampling or SamplingConfig()
-        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        ids_list = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) if isinstance(p, str) else list(p)
-                    for p in prompts]
-        if not ids_list or any(len(p) == 0 for p in ids_list):
-            raise ValueError("empty prompt: give at least one token to condition on")
+        ids_list = self._prompt_ids(prompts)
+        stop_window = 16 + max(map(len, cfg.stop_strings), default=0)  # tokens enough to spell any stop string
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.tokenizer.eos_token_id
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
         procs = cfg.processors()
@@ -251,7 +292,7 @@ class MergedLM:
         rows = [_Row(p, s, n) for p, (s, n) in zip(ids_list, segs)]
         S = max(len(r.segments) for r in rows)
         if self.context and S + 1 > self.context:
-            raise ValueError(f"prompt needs {S} positions after merging; the model's context is {self.context}")
+            raise GenerationError(f"prompt needs {S} positions after merging; the model's context is {self.context}")
 
         # left-padded prefill of the (merged) prompts
         dev, dtype = self.lm.device, self.embed.weight.dtype
@@ -291,7 +332,8 @@ class MergedLM:
                 done[b] = True
                 if tok in eos_set:
                     r.stop_reason = "eos"
-                elif cfg.stop_strings and any(x in self.tokenizer.decode(r.generated[-16:]) for x in cfg.stop_strings):
+                elif cfg.stop_strings and any(x in self.tokenizer.decode(r.generated[-stop_window:])
+                                              for x in cfg.stop_strings):
                     r.stop_reason = "stop_string"
                 elif len(r.generated) >= cfg.max_new_tokens:
                     r.stop_reason = "max_new_tokens"

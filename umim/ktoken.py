@@ -17,7 +17,6 @@ Token reduction: merging ``m`` blocks of ``n`` tokens removes ``m (K - 1)`` posi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .module_io import config_with_digest
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "encoder.safetensors"
@@ -170,7 +171,7 @@ class KTokenEncoder(nn.Module):
         try:
             state = {n: v.detach().float().cpu().contiguous() for n, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, "version": 1, **asdict(self.config)}, indent=2))
+            (tmp / CONFIG_NAME).write_text(config_with_digest(asdict(self.config), FORMAT, tmp / WEIGHTS_NAME))
             # weights first: a config never points at weights from an older save
             os.replace(tmp / WEIGHTS_NAME, path / WEIGHTS_NAME)
             os.replace(tmp / CONFIG_NAME, path / CONFIG_NAME)

@@ -17,6 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError, one_line
+
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,10 +49,26 @@ def _embedded_folder() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def _complete_conversion(out: Path) -> bool:
+    """Whether ``out`` holds a whole converted model (a truncated or damaged one is rebuilt)."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = out / "model.safetensors"
+    if not ((out / "config.json").is_file() and weights.is_file()):
+        return False
+    try:
+        with safe_open(str(weights), "pt") as f:
+            last = sorted(f.keys())[-1]
+            f.get_slice(last)[-1:]  # reads the end of the data: a truncated file fails here
+        return True
+    except (SafetensorError, OSError, ValueError, IndexError):
+        return False
+
+
 def _embedded_converted() -> Path:
     """Dequantize the shipped GGUF once into a plain safetensors folder; return that folder."""
     out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _complete_conversion(out):
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -72,18 +90,47 @@ def _embedded_converted() -> Path:
     return out
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelLoadError(UserError):
+    """The LM or its tokenizer cannot be found or loaded."""
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id ("org/name"): absolute, relative with ./ or ../, or more than one slash."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def resolve(spec: LMSpec) -> tuple[str, dict]:
-    """Folder/id and extra ``from_pretrained`` kwargs for ``spec``."""
+    """Folder/id and extra ``from_pretrained`` kwargs for ``spec``; a missing local folder is a :class:`ModelLoadError`."""
+    if spec.dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {spec.dtype!r}: choose one of {', '.join(DTYPES)}")
     if spec.name_or_path == EMBEDDED:
         return str(_embedded_converted()), {}
-    return spec.name_or_path, ({"gguf_file": spec.gguf_file} if spec.gguf_file else {})
+    name = os.path.expanduser(spec.name_or_path)
+    if (_looks_local(spec.name_or_path) or Path(name).exists()) and not Path(name).is_dir():
+        raise ModelLoadError(f"model folder {spec.name_or_path} not found (give a folder with config.json, a hub id "
+                             f"such as org/name, or 'embedded')")
+    if spec.gguf_file and Path(name).is_dir() and not (Path(name) / spec.gguf_file).is_file():
+        raise ModelLoadError(f"GGUF file {spec.gguf_file} not found in {spec.name_or_path}")
+    return name, ({"gguf_file": spec.gguf_file} if spec.gguf_file else {})
+
+
+def _load(what: str, spec: LMSpec, fn):
+    try:
+        return fn()
+    except (OSError, ValueError) as e:  # hub errors, missing files, unrecognised folders
+        if isinstance(e, UserError):
+            raise
+        raise ModelLoadError(f"cannot load the {what} {spec.name_or_path}: {one_line(e)}") from e
 
 
 def load_tokenizer(spec: LMSpec):
     from transformers import AutoTokenizer
 
     path, kwargs = resolve(spec)
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    return _load("tokenizer", spec, lambda: AutoTokenizer.from_pretrained(path, **kwargs))
 
 
 def load_lm(spec: LMSpec):
@@ -92,10 +139,16 @@ def load_lm(spec: LMSpec):
     from transformers import AutoModelForCausalLM
 
     path, kwargs = resolve(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype), **kwargs)
+    model = _load("LM", spec, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype), **kwargs))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def max_positions(lm) -> int | None:
+    """The LM's context length in positions (None when its config does not say)."""
+    c = lm.config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .module_io import config_with_digest
 from .safe_io import check_replaceable, replace_dir, staging_dir
 
 CONFIG_NAME = "config.json"
@@ -112,7 +113,7 @@ class MergeModule(nn.Module):
         try:
             state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(json.dumps({"format": "umim-merger", "version": 1, **asdict(self.config)}, indent=2))
+            (tmp / CONFIG_NAME).write_text(config_with_digest(asdict(self.config), "umim-merger", tmp / WEIGHTS_NAME))
             return replace_dir(tmp, path, is_merger_dir, "merger")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,12 +24,13 @@ from collections.abc import Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .rules import MergeRules
+from .errors import UserError
+from .rules import MAX_N, MergeRules
 
 FILTER_STAGES = ("intra", "inter")
 
 
-class MiningError(ValueError):
+class MiningError(UserError):
     """The corpus or settings cannot produce a rule set."""
 
 
@@ -185,8 +186,11 @@ def mine_rules(
     unknown = set(filters) - set(FILTER_STAGES)
     if unknown:
         raise MiningError(f"unknown filter stage(s) {sorted(unknown)}; choose from {FILTER_STAGES}")
-    if not 2 <= min_n <= max_n:
-        raise MiningError(f"need 2 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+    if not 2 <= min_n <= max_n <= MAX_N:
+        raise MiningError(f"need 2 <= min_n <= max_n <= {MAX_N} (the spans a merger is trained for), "
+                          f"got min_n={min_n}, max_n={max_n}")
+    if min_count < 1:
+        raise MiningError(f"min_count must be at least 1, got {min_count}")
     ids = np.asarray(ids)
     if ids.size and int(ids.max()) >= tokenizer_fp["vocab_size"]:
         raise MiningError("corpus token ids exceed the tokenizer's vocabulary: wrong tokenizer fingerprint?")

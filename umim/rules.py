@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError, one_line
 from .fingerprint import check_fingerprint, tokenizer_fingerprint
 from .matcher import SpanMatcher
 from .safe_io import check_replaceable, replace_dir, staging_dir
 
 FORMAT = "umim-merge-rules"
 VERSION = 1
+MAX_N = 4  # the longest span a merger is trained for (umim.batch builds spans of at most this many tokens)
 
 
 
@@ -38,7 +40,7 @@ def is_rules_dir(path: Path) -> bool:
     """Whether ``path`` is a rules folder written by :meth:`MergeRules.save`."""
     return (Path(path) / "rules.json").is_file()
 
-class RulesFileError(ValueError):
+class RulesFileError(UserError):
     """A rules directory is missing, corrupted or of an unknown format."""
 
 
@@ -138,18 +140,31 @@ class MergeRules:
             raise RulesFileError(f"{meta_file} is corrupted: {e}") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise RulesFileError(f"{meta_file} is not a UMIM merge-rules file")
-        if meta.get("version") != VERSION:
-            raise RulesFileError(f"{meta_file} has format version {meta.get('version')}, this UMIM reads {VERSION}")
+        version = meta.get("version")
+        if type(version) is not int or version != VERSION:
+            raise RulesFileError(f"{meta_file} has format version {version!r}, this UMIM reads {VERSION} (an integer)")
+        if meta.get("tokenizer") is not None and not isinstance(meta.get("tokenizer"), dict):
+            raise RulesFileError(f"{meta_file}: 'tokenizer' must be a fingerprint object, got {meta['tokenizer']!r}")
         try:
             tensors = load_file(str(tensor_file))
         except (SafetensorError, OSError, ValueError) as e:
-            raise RulesFileError(f"{tensor_file} is corrupted: {e}") from e
+            raise RulesFileError(f"{tensor_file} is corrupted: {one_line(e)}") from e
         ngrams, counts = {}, {}
         for key, arr in tensors.items():
-            kind, n = key.rsplit("_", 1)
+            kind, _, n = key.rpartition("_")
+            if kind not in ("ngrams", "counts") or not n.isdigit() or not 2 <= int(n) <= MAX_N:
+                raise RulesFileError(f"{tensor_file}: unexpected tensor {key!r} (rules hold ngrams_n and counts_n, "
+                                     f"n = 2..{MAX_N})")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise RulesFileError(f"{tensor_file}: {key} has dtype {arr.dtype}, token ids and counts are integers")
             (ngrams if kind == "ngrams" else counts)[int(n)] = arr
         if set(ngrams) != set(counts) or any(ngrams[n].ndim != 2 or ngrams[n].shape[1] != n for n in ngrams):
             raise RulesFileError(f"{tensor_file} has inconsistent n-gram arrays")
+        short = [n for n in ngrams if counts[n].shape != (len(ngrams[n]),)]
+        if short:
+            raise RulesFileError(f"{tensor_file}: counts_{short[0]} does not hold one count per {short[0]}-gram")
+        if any(len(g) and (g.min() < 0) for g in ngrams.values()):
+            raise RulesFileError(f"{tensor_file}: negative token ids")
         try:
             rules = cls(
                 ngrams=ngrams,

@@ -15,8 +15,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UserError
 
-class OutputError(ValueError):
+
+class OutputError(UserError):
     """An output path cannot be written without destroying something UMIM did not write."""
 
 

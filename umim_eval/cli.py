@@ -30,6 +30,7 @@ is imported, at the cost of one tiny module at interpreter start-up (no torch, n
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import sys
@@ -77,12 +78,26 @@ def run_command(command: str, argv: list[str]) -> int:
 
     from .results import write_results
 
+    from dataclasses import asdict
+
+    from umim.safe_io import check_writable_dir
+
+    from .results import Journal
+
     cfg = parse_runner_config(command, argv)
     module, _, run_name, table_name, file_name = RUNNERS[command]
+    out_dir = cfg.out_dir or f"results/{file_name}"
+    check_writable_dir(out_dir)  # before any work, not after it
     mod = importlib.import_module(module)
-    result = getattr(mod, run_name)(cfg)
+    run = getattr(mod, run_name)
+    journal = Journal(out_dir, file_name, asdict(cfg)) if "journal" in inspect.signature(run).parameters else None
+    if journal is not None and journal.resumed:
+        print(f"resuming: {journal.resumed} pieces already computed in {journal.path}", file=sys.stderr)
+    result = run(cfg, journal=journal) if journal is not None else run(cfg)
     table = getattr(mod, table_name)(result)
-    paths = write_results(result, cfg.out_dir or f"results/{file_name}", file_name, table)
+    paths = write_results(result, out_dir, file_name, table)
+    if journal is not None:
+        journal.close()
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -128,7 +143,13 @@ def install_hook(site: str | None = None, remove: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``umim-eval COMMAND``; user errors are one line and exit code 2 (see ``umim.errors``)."""
+    from umim.errors import cli_entry
+
+    return cli_entry(_dispatch, list(sys.argv[1:] if argv is None else argv))
+
+
+def _dispatch(argv: list[str]) -> int:
     commands = {
         "ppl": "perplexity + TR of base and merged LM per dataset (Table 2)",
         "gen-quality": "continuation quality: Rep/Dist, ROUGE, BERTScore, chrF, MAUVE (Tables 10, 11)",

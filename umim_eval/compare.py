@@ -35,7 +35,7 @@ from umim.lm import LMSpec
 from .baselines.policy_generate import eager_attention
 from .compressed_inputs import continuation_nll_from, prompt_inputs
 from .methods import LABELS, is_kv_policy, make_method
-from .results import fmt, markdown_table, pct
+from .results import Journal, fmt, markdown_table, pct
 
 
 @dataclass
@@ -110,7 +110,8 @@ def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, 
     return float(continuation_nll_from(m.lm, inp, tgt).sum()), inp.tr
 
 
-def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM | None = None) -> dict:
+def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM | None = None,
+                journal: Journal | None = None) -> dict:
     """Score every method at every target level; see the module docstring for the protocol.
 
     Returns
@@ -132,23 +133,25 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     umim_tr = [1.0 - len(m.rules.segment(c)) / len(c) if umim else None for c, _ in examples]
     n_tgt = sum(len(t) for _, t in examples)
 
-    base_nll = sum(_score(None, m, c, t)[0] for c, t in examples)
+    # every method built before any scoring (a missing trained compressor fails now, not after hours),
+    # once (a method may load a model or inject an adapter), then re-aimed through its ratio knob
+    built = {name: make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
+             for name in dict.fromkeys(cfg.methods)}
+    get = journal.get_or if journal is not None else (lambda key, compute: compute())
+    base_nll = sum(get(f"base|{i}", lambda: _score(None, m, c, t))[0] for i, (c, t) in enumerate(examples))
     base = {"method": "base", "ppl": math.exp(base_nll / n_tgt), "nll": base_nll / n_tgt, "achieved_tr": 0.0}
-    rows, built = [], {}
+    rows = []
     jobs = [(t, name) for t in cfg.targets for name in cfg.methods]
     for target, name in tqdm(jobs, desc="compare", disable=not progress):
         if target != "umim" and name == "umim":
             continue  # fixed rules have no TR knob: the umim_budget method covers fixed levels
-        # built once (a method may load a model or inject an adapter), re-aimed through its ratio knob
-        if name not in built:
-            built[name] = make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
         method = built[name]
         nll, trs, asked = 0.0, [], []
         for i, (ctx, tgt) in enumerate(examples):
             want = umim_tr[i] if target == "umim" else float(target)
             if name != "umim":
                 method.ratio = want
-            s, tr = _score(method, m, ctx, tgt)
+            s, tr = get(f"{target}|{name}|{i}", lambda: _score(method, m, ctx, tgt))
             nll, trs, asked = nll + s, trs + [tr], asked + [want]
         rows.append({"target": target, "method": name, "target_tr": sum(asked) / len(asked),
                      "achieved_tr": sum(trs) / len(trs), "max_tr_gap": max(abs(a - b) for a, b in zip(trs, asked)),

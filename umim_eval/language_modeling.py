@@ -15,7 +15,7 @@ from umim.corpus import load_documents, tokenize_documents
 from umim.generation import MergedLM
 from umim.lm import LMSpec
 
-from .results import fmt, markdown_table, pct
+from .results import Journal, fmt, markdown_table, pct
 
 PAPER_DATASETS = {
     "WikiText-103": "hf:Salesforce/wikitext:wikitext-103-raw-v1",
@@ -59,7 +59,8 @@ def _stream(spec: str, split: str, tokenizer, max_tokens: int):
     return ids[:max_tokens] if max_tokens else ids
 
 
-def run_ppl(cfg: PPLConfig, progress: bool = True, merged_lm: MergedLM | None = None) -> dict:
+def run_ppl(cfg: PPLConfig, progress: bool = True, merged_lm: MergedLM | None = None,
+            journal: Journal | None = None) -> dict:
     """Base and merged perplexity + TR on every dataset of ``cfg``.
 
     Returns
@@ -76,12 +77,16 @@ def run_ppl(cfg: PPLConfig, progress: bool = True, merged_lm: MergedLM | None = 
                                    run_dir=cfg.run_dir, device=cfg.device)
     if m.merger is None or m.rules is None:
         raise ValueError("umim-eval ppl needs a merger and rules (run_dir, or merger + rules)")
+    get = journal.get_or if journal is not None else (lambda key, compute: compute())
     rows: dict[str, dict] = {"base": {}, "umim": {}}
     for name, spec in cfg.datasets.items():
         ids = _stream(spec, cfg.split, m.tokenizer, cfg.max_tokens)
         for row, (merger, rules) in {"base": (None, None), "umim": (m.merger, m.rules)}.items():
-            r = perplexity(m.lm, merger, rules, ids, window=cfg.window, batch_size=cfg.batch_size, progress=progress)
-            rows[row][name] = {"ppl": r["ppl"], "nll": r["nll"], "tr": r["tr"], "tokens_scored": r["tokens_scored"]}
+            def score():
+                r = perplexity(m.lm, merger, rules, ids, window=cfg.window, batch_size=cfg.batch_size, progress=progress)
+                return {"ppl": r["ppl"], "nll": r["nll"], "tr": r["tr"], "tokens_scored": r["tokens_scored"]}
+
+            rows[row][name] = get(f"{row}|{name}", score)
     from dataclasses import asdict
 
     return {"config": asdict(cfg), "rows": rows, "wall_s": time.perf_counter() - t0}

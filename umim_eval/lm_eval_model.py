@@ -50,6 +50,8 @@ lm-eval collects it at the end of the run.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -63,6 +65,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from umim.batch import build_merged_batch
+from umim.errors import UserError, one_line
 from umim.fingerprint import tokenizer_fingerprint
 from umim.generation import MODES, MergedLM, SamplingConfig
 from umim.lm import LMSpec, resolve
@@ -75,6 +78,15 @@ from .token_nll import token_nll
 log = logging.getLogger("lm_eval.models.umim")  # under lm-eval's logger: shown by its CLI
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+class ModelArgsError(UserError):
+    """Bad ``--model_args`` of the umim model."""
+
+
+@functools.cache
+def _hflm_arguments() -> set[str]:
+    return set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 
 
 def _as_bool(v) -> bool:
@@ -90,6 +102,13 @@ class UMIMLM(HFLM):
                  gguf_file: str | None = None, compressor: str | None = None, ratio: str | float | None = None,
                  compressor_path: str | None = None,
                  **kwargs):
+        unknown = sorted(set(kwargs) - _hflm_arguments())
+        if unknown:
+            raise ModelArgsError(f"unknown model_args {', '.join(unknown)}: the umim model takes pretrained, run_dir, "
+                                 "merger, rules, merge, compressor, ratio, compressor_path, gguf_file and HFLM's "
+                                 "arguments (device, dtype, batch_size, max_length, ...)")
+        if merge is not None and merge not in MODES:
+            raise ModelArgsError(f"merge={merge}: choose one of {', '.join(MODES)}")
         if isinstance(pretrained, str):
             pretrained, extra = resolve(LMSpec(pretrained, gguf_file=gguf_file))
             gguf_file = extra.get("gguf_file")
@@ -101,12 +120,10 @@ class UMIMLM(HFLM):
         if run_dir is not None:
             merger = merger or str(Path(run_dir) / "merger")
             rules = rules or str(Path(run_dir) / "rules")
-        if merge is None:
-            merge = "prompt" if (merger and rules) else "none"
-        if merge not in MODES:
-            raise ValueError(f"merge must be one of {MODES}, got {merge!r}")
+        if merge is None:  # UMIM merges by default; a compressor= replaces it
+            merge = "prompt" if (merger and rules and compressor is None) else "none"
         if merge != "none" and not (merger and rules):
-            raise ValueError(f"merge={merge} needs merger= and rules= (or run_dir=)")
+            raise ModelArgsError(f"merge={merge} needs merger= and rules= (or run_dir=)")
         tok = self.tokenizer
         loaded_rules = MergeRules.load(rules, tokenizer=tok) if rules else None
         loaded_merger = (
@@ -125,18 +142,27 @@ class UMIMLM(HFLM):
     def _check_ratio(self, compressor, ratio, rules):
         if compressor is None:
             if ratio is not None:
-                raise ValueError("ratio= applies to compressor= only")
+                raise ModelArgsError("ratio= applies to compressor= only")
             return None
         if self.merge != "none":
-            raise ValueError("compressor= replaces UMIM merging: leave merge unset or set merge=none")
+            raise ModelArgsError("compressor= replaces UMIM merging: leave merge unset or set merge=none")
         from .methods import method_class
 
-        method_class(compressor)  # unknown names fail here, before any request
+        try:
+            method_class(compressor)  # unknown names fail here, before any request
+        except (KeyError, ValueError) as e:
+            raise ModelArgsError(f"compressor={compressor}: {one_line(e)}") from e
         ratio = "umim" if ratio is None and rules is not None else ratio
         if ratio is None or (ratio == "umim" and rules is None):
-            raise ValueError("compressor= needs ratio= (a TR in [0, 1), or umim with rules=/run_dir=)")
+            raise ModelArgsError("compressor= needs ratio= (a TR in [0, 1), or umim with rules=/run_dir=)")
         if ratio != "umim":
-            ratio = float(ratio)
+            try:
+                value = float(ratio)
+            except ValueError:
+                value = -1.0
+            if not 0.0 <= value < 1.0:
+                raise ModelArgsError(f"ratio={ratio}: give a token reduction in [0, 1) or umim")
+            ratio = value
         return ratio
 
     # -- token reduction ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .methods import LABELS
-from .results import fmt, markdown_table, pct
+from .results import Journal, fmt, markdown_table, pct
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _model(cfg: QAConfig, method: str):
     return UMIMLM(run_dir=cfg.run_dir, merge="none", compressor=method, ratio=cfg.ratio, **kw)
 
 
-def run_qa(cfg: QAConfig) -> dict:
+def run_qa(cfg: QAConfig, journal: Journal | None = None) -> dict:
     """Accuracy and TR per method and task.
 
     Returns
@@ -87,16 +87,22 @@ def run_qa(cfg: QAConfig) -> dict:
     t0 = time.perf_counter()
     manager = TaskManager(include_path=include or None)
     rows: dict[str, dict] = {}
+    get = journal.get_or if journal is not None else (lambda key, compute: compute())
     for method in cfg.methods:
-        model = _model(cfg, method)
+        model = None
         rows[method] = {}
         for task in tasks:
-            model._counts = {k: [0, 0] for k in model._counts}  # TR of this task alone
-            out = lm_eval.simple_evaluate(model=model, tasks=[task], task_manager=manager, limit=cfg.limit,
-                                          num_fewshot=0, log_samples=False)
-            res = out["results"][task]
-            rows[method][task] = {"acc": res.get("acc,none"), "acc_stderr": res.get("acc_stderr,none"),
-                                  "tr": model.token_reduction if method != "base" else None}
+            def evaluate():
+                nonlocal model
+                model = model or _model(cfg, method)
+                model._counts = {k: [0, 0] for k in model._counts}  # TR of this task alone
+                out = lm_eval.simple_evaluate(model=model, tasks=[task], task_manager=manager, limit=cfg.limit,
+                                              num_fewshot=0, log_samples=False)
+                res = out["results"][task]
+                return {"acc": res.get("acc,none"), "acc_stderr": res.get("acc_stderr,none"),
+                        "tr": model.token_reduction if method != "base" else None}
+
+            rows[method][task] = get(f"{method}|{task}", evaluate)
     return {"config": asdict(cfg), "tasks": tasks, "rows": rows, "wall_s": time.perf_counter() - t0}
 
 

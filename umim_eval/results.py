@@ -1,14 +1,17 @@
 """Writing results: one JSON file (everything, machine-readable) and one markdown table (shaped like
 the paper's table) per run, written atomically so an interrupted run never leaves half a file and
-never overwrites an earlier result with a broken one."""
+never overwrites an earlier result with a broken one; and a :class:`Journal` of the pieces computed
+so far, so an interrupted or failing run keeps them and a rerun resumes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from umim.safe_io import write_text_atomic
 
 
 def fmt(x, digits: int = 2) -> str:
@@ -34,28 +37,58 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_results(result: dict, out_dir: str | Path, name: str, table: str | None = None) -> dict[str, Path]:
     """Write ``OUT/NAME.json`` (and ``OUT/NAME.md`` when a table is given); returns the paths."""
     out = Path(out_dir)
     paths = {"json": out / f"{name}.json"}
-    _atomic_write(paths["json"], json.dumps(result, indent=2, default=_jsonable) + "\n")
+    write_text_atomic(paths["json"], json.dumps(result, indent=2, default=_jsonable) + "\n")
     if table is not None:
         paths["md"] = out / f"{name}.md"
-        _atomic_write(paths["md"], table)
+        write_text_atomic(paths["md"], table)
     return paths
+
+
+class Journal:
+    """The pieces of a run (one example, one method, one dataset) appended as they are computed to
+    ``OUT/.NAME.journal.jsonl``; a rerun with the same settings takes them from there instead of
+    computing them again, a rerun with other settings starts afresh. Removed once the results are
+    written. Values must be JSON-able."""
+
+    def __init__(self, out_dir: str | Path, name: str, settings: dict):
+        self.path = Path(out_dir) / f".{name}.journal.jsonl"
+        stamp = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        self.records: dict[str, object] = {}
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        if lines and _loads(lines[0]) == {"settings": stamp}:
+            for line in lines[1:]:
+                rec = _loads(line)  # a line cut by an interruption is skipped
+                if isinstance(rec, dict) and "key" in rec:
+                    self.records[rec["key"]] = rec["value"]
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps({"settings": stamp}) + "\n")
+        self.resumed = len(self.records)
+
+    def get_or(self, key: str, compute):
+        """The value stored under ``key``, or ``compute()`` (then stored at once)."""
+        if key not in self.records:
+            value = json.loads(json.dumps(compute(), default=_jsonable))  # stored and returned alike
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.records[key] = value
+        return self.records[key]
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _loads(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _jsonable(x):

@@ -44,7 +44,7 @@ from .matched_generation import (
     match_targets,
 )
 from .methods import LABELS
-from .results import fmt, markdown_table, pct, write_results
+from .results import Journal, fmt, markdown_table, pct, write_results
 
 
 @dataclass
@@ -142,7 +142,8 @@ def _check(cfg: SummarizeConfig) -> None:
         raise ValueError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
 
 
-def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: MergedLM | None = None) -> dict:
+def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: MergedLM | None = None,
+                  journal: Journal | None = None) -> dict:
     """Summarize with every method at the matched TR and score the summaries.
 
     Parameters
@@ -176,11 +177,16 @@ def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: Merged
 
     preds: dict[str, list[str]] = {}
     trs: dict[str, list[float]] = {}
+    get = journal.get_or if journal is not None else (lambda key, compute: compute())
     for name in tqdm(cfg.methods, desc="summarization", disable=not progress):
-        gens = generate_matched(name, m, prompts, targets, sampling, batch_size=cfg.batch_size,
-                                options=cfg.method_options.get(name), kv_prefill=cfg.kv_prefill, progress=progress)
-        preds[name] = [tok.decode(g[0].ids, skip_special_tokens=True).strip() for g in gens]
-        trs[name] = [g[0].tr for g in gens]
+        def summarize():
+            gens = generate_matched(name, m, prompts, targets, sampling, batch_size=cfg.batch_size,
+                                    options=cfg.method_options.get(name), kv_prefill=cfg.kv_prefill, progress=progress)
+            return {"preds": [tok.decode(g[0].ids, skip_special_tokens=True).strip() for g in gens],
+                    "trs": [g[0].tr for g in gens]}
+
+        done = get(f"method|{name}", summarize)
+        preds[name], trs[name] = done["preds"], done["trs"]
 
     scorer = (BertScorer(cfg.bertscore_model, cfg.bertscore_layers, cfg.bertscore_batch_size, m.lm.device)
               if cfg.bertscore_model else None)
