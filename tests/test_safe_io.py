@@ -94,3 +94,24 @@ def test_umim_mine_refuses_a_foreign_out_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(d) in err[0] and "refusing to replace" in err[0]
     assert tree_hash(d) == before
+
+
+def _save_many(args):
+    path, seed = args
+    for i in range(10):
+        rules = MergeRules(ngrams={2: np.array([[seed, i]])}, counts={2: np.array([seed * 100 + i])}, tokenizer=None)
+        rules.save(path)
+    return True
+
+
+def test_concurrent_saves_to_one_folder_never_fail_or_mix(tmp_path):
+    """Saves race: each is swapped in whole (the last writer wins), none fails, nothing is left aside."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    target = tmp_path / "rules"
+    with ProcessPoolExecutor(4) as pool:
+        assert all(pool.map(_save_many, [(target, s) for s in range(1, 9)]))
+    rules = MergeRules.load(target)
+    (a, b), = rules.ngrams[2].tolist()
+    assert rules.counts[2].tolist() == [a * 100 + b]  # one save's n-gram with that same save's count
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rules"]

@@ -213,6 +213,24 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
+def _check_ckpt_path(args: list[str]) -> None:
+    """A ``--ckpt_path FILE`` that is missing or not a checkpoint is named in one line, before any work
+    (torch would report a truncated file as "OSError: Invalid argument" after the model has loaded)."""
+    import zipfile
+
+    from .errors import UserError
+
+    for i, a in enumerate(args):
+        path = a.partition("=")[2] if a.startswith("--ckpt_path=") else (args[i + 1] if a == "--ckpt_path" and
+                                                                           i + 1 < len(args) else None)
+        if path is None or path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
+            continue
+        if not Path(path).is_file():
+            raise UserError(f"--ckpt_path {path}: no such checkpoint file (or use --ckpt_path last)")
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"--ckpt_path {path}: truncated or not a checkpoint written by umim fit")
+
+
 def _dispatch(args: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -220,6 +238,7 @@ def _dispatch(args: list[str]) -> int:
         return mine_main(args[1:])
     if args and args[0] == "generate":
         return generate_main(args[1:])
+    _check_ckpt_path(args)
     try:
         build_cli(args)
     except SIGTERMException:

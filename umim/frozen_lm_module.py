@@ -45,6 +45,26 @@ class FrozenLMModule(L.LightningModule):
             self.log(f"{stage}/loss", self.eval_loss[f"{stage}_loss"], prog_bar=True, on_step=False, on_epoch=True)
         self.log(f"{stage}/tr", self.tr[f"{stage}_tr"], on_step=False, on_epoch=True)
 
+    def _check_context(self) -> None:
+        """Refuse blocks longer than the LM's context before the first step (GPT-2 would fail with an IndexError)."""
+        from .errors import UserError
+        from .lm import max_positions
+
+        dm = getattr(self.trainer, "datamodule", None)
+        limit = max_positions(self.lm) if self.lm is not None else None
+        if dm is not None and limit and getattr(dm, "block_size", 0) > limit:
+            raise UserError(f"data.block_size {dm.block_size} exceeds the LM's context of {limit} positions: "
+                            f"lower --data.block_size")
+
+    def on_fit_start(self) -> None:
+        self._check_context()
+
+    def on_validation_start(self) -> None:
+        self._check_context()
+
+    def on_test_start(self) -> None:
+        self._check_context()
+
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
@@ -78,6 +98,15 @@ class FrozenLMModule(L.LightningModule):
     def keeps_in_checkpoint(self, key: str) -> bool:
         """Whether the state-dict entry ``key`` belongs in checkpoints (everything but the frozen LM)."""
         return not key.startswith("lm.") or self.keeps_lm_weight(key)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from .errors import UserError
+
+        saved = (checkpoint.get("hyper_parameters") or {}).get("lm") or {}
+        mine = getattr(getattr(self, "lm_spec", None), "name_or_path", None)
+        if saved.get("name_or_path") and mine and saved["name_or_path"] != mine:
+            raise UserError(f"the checkpoint was trained for the LM {saved['name_or_path']!r}, this run uses {mine!r}: "
+                            "resume with the config it was trained with")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.keeps_in_checkpoint(k)}

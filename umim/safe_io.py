@@ -9,8 +9,10 @@ leaves a complete folder (the old or the new) in place.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,27 +43,36 @@ def staging_dir(dst: str | os.PathLike) -> Path:
 def check_replaceable(dst: str | os.PathLike, is_ours: Callable[[Path], bool], what: str) -> None:
     """Raise :class:`OutputError` unless ``dst`` is absent, an empty folder, or a ``what`` folder we wrote."""
     dst = Path(dst)
-    if not dst.exists():
+    try:  # another writer may swap dst while we look: a folder that vanishes is no objection
+        if not stat.S_ISDIR(dst.stat().st_mode):
+            raise OutputError(f"{dst} is a file, not a {what} folder: choose another output path")
+        if any(dst.iterdir()) and not is_ours(dst) and dst.exists():
+            raise OutputError(f"{dst} holds files that are not a {what} folder; refusing to replace it: "
+                              "choose another output path or move those files")
+    except FileNotFoundError:
         return
-    if not dst.is_dir():
-        raise OutputError(f"{dst} is a file, not a {what} folder: choose another output path")
-    if any(dst.iterdir()) and not is_ours(dst):
-        raise OutputError(f"{dst} holds files that are not a {what} folder; refusing to replace it: "
-                          "choose another output path or move those files")
 
 
 def replace_dir(tmp: Path, dst: str | os.PathLike, is_ours: Callable[[Path], bool], what: str) -> Path:
     """Move the finished folder ``tmp`` to ``dst``, replacing an earlier ``what`` folder there."""
     dst = Path(dst)
     check_replaceable(dst, is_ours, what)
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    try:
+        for attempt in range(100):  # another writer may swap its own folder in between: then try again
+            try:
+                if dst.exists():
+                    os.replace(dst, aside / f"{attempt}")
+                os.replace(tmp, dst)
+                return dst
+            except FileNotFoundError:
+                continue  # dst moved away by the other writer
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        raise OutputError(f"{dst}: other processes keep replacing it; try again")
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from umim.generation import MergedLM, SamplingConfig
+from umim.errors import UserError
 from umim.lm import LMSpec
 
 from .baselines.policy_generate import eager_attention, policy_generate
@@ -30,6 +31,17 @@ MATCHES = ("per_example", "mean", "fixed")
 """How targets are set: UMIM's TR per prompt, UMIM's mean TR, or a fixed ``ratio``."""
 
 
+class DataError(UserError):
+    """An evaluation data set that is missing, malformed or too small."""
+
+
+class DataFieldError(DataError, KeyError):
+    """A record lacks a field the runner reads."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def load_records(data: str, split: str, fields: list[str], n: int | None = None) -> list[dict]:
     """The first ``n`` records of a hub dataset (``hf:PATH[:CONFIG]``) or a local ``.jsonl`` file,
     each reduced to ``fields`` (values as strings); ``local:NAME`` is a built-in offline set of
@@ -38,7 +50,7 @@ def load_records(data: str, split: str, fields: list[str], n: int | None = None)
         from .local_tasks import LOCAL_SETS
 
         if data[6:] not in LOCAL_SETS:
-            raise ValueError(f"unknown local data set {data!r}; choose from {['local:' + k for k in LOCAL_SETS]}")
+            raise DataError(f"unknown local data set {data!r}; choose from {['local:' + k for k in LOCAL_SETS]}")
         rows = LOCAL_SETS[data[6:]](n)
     elif data.startswith("hf:"):
         import datasets
@@ -49,18 +61,28 @@ def load_records(data: str, split: str, fields: list[str], n: int | None = None)
     else:
         p = Path(data)
         if not p.is_file():
-            raise FileNotFoundError(f"no data file {data!r} (use hf:PATH[:CONFIG] for hub datasets)")
+            raise DataError(f"no data file {data!r} (use hf:PATH[:CONFIG] for hub datasets)")
+        rows = []
         with open(p, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for ln, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{data}:{ln}: not a JSON line ({e.msg})") from e
         rows = rows[:n] if n is not None else rows
     out = []
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"record {i} of {data} is not a JSON object")
         missing = [k for k in fields if k not in r]
         if missing:
-            raise KeyError(f"record {i} of {data} has no field(s) {missing}; it has {sorted(r)}")
+            raise DataFieldError(f"record {i} of {data} has no field(s) {missing}; it has {sorted(r)}")
         out.append({k: str(r[k]) for k in fields})
     if not out:
-        raise ValueError(f"{data} holds no records")
+        raise DataError(f"{data} holds no records")
+    if n is not None and len(out) < n:
+        raise DataError(f"{data} holds {len(out)} records, {n} were asked for: lower n_samples")
     return out
 
 
