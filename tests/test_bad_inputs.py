@@ -32,6 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# before anything imports huggingface_hub (tiny_families imports lightning): it reads these once
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -39,10 +44,6 @@ from conftest import TEXT_B, make_tiny_tokenizer
 from tiny_families import build_all
 
 from umim.errors import UserError
-
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,9 +195,12 @@ def changed(path: Path, before: dict[str, str]) -> list[str]:
 
 
 def describe(e: BaseException) -> str:
-    tb = traceback.format_exception(type(e), e, e.__traceback__)
-    lines = "".join(tb).rstrip().splitlines()
-    return f"{type(e).__name__}: {str(e).strip()[:400]}\n  traceback tail:\n    " + "\n    ".join(lines[-3:])
+    """``Type: message @ file:line`` (the innermost frame outside this file), then the traceback's last 3 lines."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename != __file__]
+    where = f" @ {os.path.relpath(frames[-1].filename, ROOT)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    msg = " ".join(str(e).split())[:400]
+    tail = "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip().splitlines()[-3:]
+    return f"{type(e).__name__}: {msg}{where}\n  traceback tail:\n    " + "\n    ".join(tail)
 
 
 def _frags(case: Case, ctx: Ctx) -> list[str]:
@@ -226,6 +230,9 @@ def _check_message(case: Case, ctx: Ctx, msg: str, where: str) -> None:
         assert any(h in msg for h in hints), f"{where} lacks the hint (one of {hints!r}): {msg!r}"
     for a in case.absent:
         assert a not in msg, f"{where} holds the misleading text {a!r}: {msg!r}"
+    if os.environ.get("UMIM_BADINPUT_LOG"):  # a file to list how each row was refused (for review)
+        with open(os.environ["UMIM_BADINPUT_LOG"], "a") as f:
+            f.write(f"{case.id}\t{' | '.join(msg.strip().splitlines()[-2:])}\n")
 
 
 def check_cli(main, case: Case, ctx: Ctx, capfd, monkeypatch) -> None:
@@ -243,7 +250,7 @@ def check_cli(main, case: Case, ctx: Ctx, capfd, monkeypatch) -> None:
     err = capfd.readouterr().err
     try:
         if exc is not None:
-            pytest.fail(f"expected exit code 2 and one `error:` line; the command raised {describe(exc)}",
+            pytest.fail(f"expected exit 2 + one `error:` line; raised {describe(exc)}",
                         pytrace=False)
         last = next((ln for ln in reversed(err.splitlines()) if ln.strip()), "")
         assert code == 2, f"expected exit code 2, got {code!r}; stderr last line: {last!r}"
@@ -266,7 +273,7 @@ def check_api(case: Case, ctx: Ctx, monkeypatch) -> None:
         except UserError as e:
             _check_message(case, ctx, str(e), f"the {type(e).__name__} message")
         except Exception as e:  # noqa: BLE001
-            pytest.fail(f"expected a UserError; got {describe(e)}", pytrace=False)
+            pytest.fail(f"expected a UserError; raised {describe(e)}", pytrace=False)
         else:
             pytest.fail("expected a UserError; the call was accepted (no exception)", pytrace=False)
     finally:
@@ -758,7 +765,7 @@ RUNNER_CASES += [
     Case("gen-quality-prompt-tokens-0", [*R("gen-quality"), "--prompt_tokens", "0"], "prompt_tokens"),
     # -- lm-eval pass-through
     Case("lm-eval-unknown-model-arg", ["lm-eval", "--model", "umim", "--model_args",
-                                       "pretrained=<model>,run_dir=<run>,bogus_key=1,device=cpu",
+                                       "pretrained=<model>,run_dir=<run>,bogus_key=1",
                                        "--tasks", "piqa", "--device", "cpu", "--limit", "1"], "bogus_key"),
 ]
 

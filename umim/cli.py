@@ -62,7 +62,13 @@ def build_cli(args: list[str] | None, cli_class: type[UMIMCLI] = UMIMCLI, **kwar
 
 
 def mine_main(argv: list[str]) -> int:
-    """``umim mine``: mine merge rules from a corpus and save them."""
+    """``umim mine``: mine merge rules from a corpus and save them (user errors: one line, exit 2)."""
+    from .errors import cli_entry
+
+    return cli_entry(_mine, argv)
+
+
+def _mine(argv: list[str]) -> int:
     from .corpus import load_documents, tokenize_documents
     from .fingerprint import tokenizer_fingerprint
     from .lm import LMSpec, load_tokenizer
@@ -154,7 +160,13 @@ def _unescape(text: str) -> str:
 
 
 def generate_main(argv: list[str]) -> int:
-    """``umim generate``: decode with no, prompt or dynamic merging."""
+    """``umim generate``: decode with no, prompt or dynamic merging (user errors: one line, exit 2)."""
+    from .errors import cli_entry
+
+    return cli_entry(_generate, argv)
+
+
+def _generate(argv: list[str]) -> int:
     import json
     from pathlib import Path
 

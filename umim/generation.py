@@ -223,7 +223,7 @@ class MergedLM:
 
     def _merge_length(self, tail: list[int], tok: int) -> int:
         """n of the longest rule n-gram formed by the last n-1 single-token steps and ``tok`` (0: none)."""
-        for n in (4, 3, 2):
+        for n in sorted(self.rules.ngrams, reverse=True):  # the rules' own n range, longest first
             if len(tail) >= n - 1 and tuple(tail[len(tail) - n + 1 :] + [tok]) in self._rule_set(n):
                 return n
         return 0
@@ -236,7 +236,6 @@ class MergedLM:
         t["element"].append(t["ids"][position])
 
     # -- decoding ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def _prompt_ids(self, prompts) -> list[list[int]]:
         """Token ids of each prompt: a string, a list of token ids, or a list of either."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
@@ -262,6 +261,7 @@ class MergedLM:
             out.append(ids)
         return out
 
+    @torch.no_grad()
     def generate(self, prompts, mode: str = "dynamic", sampling: SamplingConfig | None = None,
                  compact_every: int = 16, trace: bool = False) -> list[GenerationResult]:
         """Generate for a batch of prompts (strings or token-id lists)."""
