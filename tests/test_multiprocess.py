@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_families import PAPER_CONFIGS, build_all
 
 pytestmark = pytest.mark.multiprocess
@@ -195,3 +194,38 @@ def test_any_frozen_lm_module_trains_sharded(runs):
     for k, v in exported["ddp"].items():
         torch.testing.assert_close(exported["sharded"][k], v, rtol=1e-5, atol=1e-6)
     assert any(float(v.abs().max()) > 0 for k, v in exported["ddp"].items() if "lora_B" in k)  # adapters trained
+
+
+def test_resume_across_epochs_and_at_an_epoch_boundary(runs):
+    """Epochs of 4 batches: a stop in the second epoch and a stop right after an epoch-end checkpoint
+    both resume to the uninterrupted weights; a resume with another batch size is refused."""
+    short = ("--data.max_train_blocks", "8", "--trainer.max_steps", "10")
+    ref = runs.fit("epochs-ref", "gpt2xl", "gpt2", devices=1, extra=short)
+    ok(ref)
+    want = checkpoint(runs.root / "epochs-ref" / "checkpoints" / "last.ckpt")
+    assert want["global_step"] == 10 and want["epoch"] == 2
+    for stop in (6, 4):  # mid-epoch 2; after the validation (and last.ckpt) that ends epoch 1
+        name = f"epochs-stop{stop}"
+        stopped = runs.fit(name + "-a", "gpt2xl", "gpt2", devices=1, out=name, extra=(
+            *short, "--trainer.callbacks+=tiny_families.SigtermAtStep", "--trainer.callbacks.step", str(stop)))
+        assert stopped.returncode == 143, stopped.stderr[-3000:]
+        if stop == 6:
+            bad = runs.fit(name + "-bad", "gpt2xl", "gpt2", devices=1, out=name,
+                           extra=(*short, "--data.batch_size", "4", "--ckpt_path", "last"))
+            assert bad.returncode == 2 and "batch_size 2 vs 4" in bad.stderr, bad.stderr[-2000:]
+        resumed = runs.fit(name + "-b", "gpt2xl", "gpt2", devices=1, out=name, extra=(*short, "--ckpt_path", "last"))
+        ok(resumed)
+        got = checkpoint(runs.root / name / "checkpoints" / "last.ckpt")
+        assert got["global_step"] == 10
+        for k in want["state_dict"]:
+            assert torch.equal(want["state_dict"][k], got["state_dict"][k]), (stop, k)
+
+
+def test_last_checkpoint_follows_every_epoch_end_validation(runs):
+    """Validation once per epoch (the paper configs): last.ckpt is rewritten at every epoch end even when
+    val/loss does not improve (lr 0), not only when a new best is saved."""
+    proc = runs.fit("epoch-end", "gpt2xl", "gpt2", devices=1, extra=(
+        "--data.max_train_blocks", "8", "--trainer.max_steps", "-1", "--trainer.max_epochs", "3",
+        "--trainer.val_check_interval", "1.0", "--model.lr", "0"))
+    ok(proc)
+    assert checkpoint(runs.root / "epoch-end" / "checkpoints" / "last.ckpt")["global_step"] == 12

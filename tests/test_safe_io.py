@@ -115,3 +115,39 @@ def test_concurrent_saves_to_one_folder_never_fail_or_mix(tmp_path):
     (a, b), = rules.ngrams[2].tolist()
     assert rules.counts[2].tolist() == [a * 100 + b]  # one save's n-gram with that same save's count
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rules"]
+
+
+def test_a_foreign_rules_json_or_ktoken_folder_is_not_taken_for_ours(tmp_path):
+    from umim.ktoken import KTokenConfig, KTokenEncoder
+
+    d = tmp_path / "project"
+    d.mkdir()
+    (d / "rules.json").write_text('{"format": "my-linter-rules"}')
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    before = tree_hash(d)
+    with pytest.raises(OutputError):
+        _rules().save(d)
+    with pytest.raises(OutputError):
+        KTokenEncoder(KTokenConfig(hidden_size=8, k=2)).save_pretrained(d)
+    assert tree_hash(d) == before
+
+
+def test_a_failed_swap_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    import umim.safe_io as safe_io
+
+    _rules().save(tmp_path / "r")
+    before = tree_hash(tmp_path / "r")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder's move into place
+            raise PermissionError(13, "denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(safe_io.os, "replace", flaky)
+    with pytest.raises(PermissionError):
+        MergeRules(ngrams={3: np.array([[4, 5, 6]])}, counts={3: np.array([9])}, tokenizer=None).save(tmp_path / "r")
+    monkeypatch.undo()
+    assert tree_hash(tmp_path / "r") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]

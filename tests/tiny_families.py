@@ -21,7 +21,6 @@ PAPER_CONFIGS = {
 def corpus_texts(n: int = 120) -> list[str]:
     """Paragraphs of Python's own documentation (always installed)."""
     import re
-
     from pydoc_data.topics import topics
 
     pars = [p.strip() for k in sorted(topics) for p in re.split(r"\n\s*\n", topics[k]) if len(p.strip()) > 80]

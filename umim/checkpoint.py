@@ -29,7 +29,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def __init__(self, *args, save_last: bool = True, **kwargs):
         super().__init__(*args, save_last=save_last, **kwargs)
         self._handlers: dict | None = None
-        self._stop_requested = False
+        self._stop_requested, self._trainer = False, None
 
     def _default_dirpath(self, trainer) -> None:
         if self.dirpath is None:
@@ -47,12 +47,15 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         if self.save_last:  # after Lightning has installed its handlers (which these replace)
-            self._stop_requested = False
+            self._stop_requested, self._trainer = False, trainer
             self._handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
             for s in self._handlers:
                 signal.signal(s, self._request_stop)
 
     def _request_stop(self, signum, frame) -> None:
+        if self._trainer.fit_loop.done:  # no batch follows (the end-of-fit report runs): stop now
+            self._restore_handlers()
+            raise KeyboardInterrupt if signum == signal.SIGINT else SIGTERMException()
         if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl+C stops at once
         self._stop_requested = True
@@ -65,11 +68,18 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._handlers = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._handlers is None:
-            return
+        if self._handlers is None or batch_idx % trainer.accumulate_grad_batches:
+            return  # stop only between optimizer steps: accumulated gradients are not checkpointed
         if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):  # any rank signalled
             if self._last_global_step_saved != trainer.global_step:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                # Lightning adds 1 to the logger step on restore, assuming a save at validation end,
+                # where the step counter has not yet moved past the batch; match that here
+                loop = trainer.fit_loop.epoch_loop
+                loop._batches_that_stepped -= 1
+                try:
+                    self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                finally:
+                    loop._batches_that_stepped += 1
             rank_zero_info(f"saved {self.last_model_path} at step {trainer.global_step}; resume with --ckpt_path last")
             self._restore_handlers()
             raise SIGTERMException()
@@ -83,6 +93,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     # -- last.ckpt at every validation -------------------------------------------------------------
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        skip = self._should_skip_saving_checkpoint(trainer) or not self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        if not skip and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_validation_end(self, trainer, pl_module) -> None:
         skip = self._should_skip_saving_checkpoint(trainer) or self._should_save_on_train_epoch_end(trainer)
         super().on_validation_end(trainer, pl_module)

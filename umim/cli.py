@@ -96,6 +96,8 @@ def _mine(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.max_tokens < 0:
         p.error(f"--max-tokens {a.max_tokens}: give 0 (all tokens) or a positive count")
+    if not a.out.strip():
+        p.error("--out: give the folder to write the rules to")
     check_replaceable(a.out, is_rules_dir, "rules")  # before any work
     if a.model_prob is not None:
         return _mine_model_prob(a, argv)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 SPLITS = ("train", "validation", "test")
 
@@ -108,10 +108,13 @@ def _hf(spec: str, split: str, text_field: str) -> list[str]:
     import datasets
 
     path, _, config = spec.partition(":")
-    if (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file():
-        ds = datasets.load_from_disk(path)  # a save_to_disk folder
-    else:
-        ds = datasets.load_dataset(path, config or None)
+    try:
+        if (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file():
+            ds = datasets.load_from_disk(path)  # a save_to_disk folder
+        else:
+            ds = datasets.load_dataset(path, config or None)
+    except (OSError, ValueError, ConnectionError) as e:  # missing folder or files, unknown config, offline hub
+        raise CorpusError(f"corpus hf:{spec} cannot be loaded: {one_line(e)}") from e
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
     if split in ds:

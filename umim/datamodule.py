@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .batch import check_segments
 from .corpus import tokenized_corpus
+from .errors import UserError
 from .fingerprint import tokenizer_fingerprint
-from .lm import LMSpec, cache_dir, load_tokenizer
+from .lm import LMSpec, cache_dir, context_length, load_tokenizer
 from .mining import FILTER_STAGES, mine_rules
-from .rules import MergeRules
+from .rules import MergeRules, is_rules_dir
+from .safe_io import check_replaceable, check_writable_dir
 
 
 @dataclass
@@ -79,11 +81,11 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())
-        yield from indices[self.start :]
+        yield from indices[min(self.start, len(indices)) :]
         self.start = 0  # the next pass over the data is a whole epoch
 
-    def __len__(self) -> int:
-        return self.num_samples - self.start
+    # __len__ stays the whole epoch's: Lightning restores its own batch counter to the saved position
+    # and counts the epoch's batches from the loader's length
 
 
 class ResumableLoader(DataLoader):
@@ -108,9 +110,18 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         done = self.progress() if self.progress is not None else getattr(self, "batches_done", 0)
-        return {"epoch": int(self.sampler.epoch), "batches_done": int(done)}
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(done), "batch_size": int(self.batch_size),
+                "num_replicas": int(self.sampler.num_replicas), "dataset_size": len(self.dataset)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = {k: state[k] for k in ("batch_size", "num_replicas", "dataset_size") if k in state}
+        mine = {"batch_size": self.batch_size, "num_replicas": self.sampler.num_replicas,
+                "dataset_size": len(self.dataset)}
+        changed = {k: (v, mine[k]) for k, v in saved.items() if v != mine[k]}
+        if changed:  # the saved position would point into another permutation or batching
+            raise UserError("the checkpoint's data position was saved with another setup (saved, now): "
+                            + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in changed.items())
+                            + "; resume with the same devices, batch size and data")
         self.sampler.set_epoch(state["epoch"])
         self.sampler.start = state["batches_done"] * self.batch_size
 
@@ -161,7 +172,7 @@ class UMIMDataModule(L.LightningDataModule):
         if self.rules_dir is not None:
             return Path(self.rules_dir)
         if self.trainer is None:
-            raise ValueError("UMIMDataModule: give rules=FOLDER when it is used without a Trainer")
+            raise UserError("UMIMDataModule: give rules=FOLDER when it is used without a Trainer")
         return Path(self.trainer.default_root_dir) / "rules"
 
     # -- preparation -------------------------------------------------------------------------------
@@ -179,6 +190,8 @@ class UMIMDataModule(L.LightningDataModule):
         for split in ("train", "validation", "test"):
             self._tokens(split)
         if not (self.rules_path / "rules.json").is_file():
+            check_writable_dir(self.rules_path)  # before mining, not after it
+            check_replaceable(self.rules_path, is_rules_dir, "rules")
             m = self.mining
             ids, offsets = self._tokens("train", m.corpus)
             rules = mine_rules(
@@ -189,13 +202,17 @@ class UMIMDataModule(L.LightningDataModule):
             print(f"mined {rules.num_rules()} rules from {rules.tokens_scanned} tokens -> {self.rules_path}")
 
     def setup(self, stage: str | None = None) -> None:
+        limit = context_length(self.lm)
+        if limit and self.block_size > limit:
+            raise UserError(f"data.block_size {self.block_size} exceeds the LM's context of {limit} positions: "
+                            "lower --data.block_size")
         tok = self.get_tokenizer()
         self.rules = self.load_rules()
         rng = np.random.default_rng(self.seed)
         for split, cap in (("train", self.max_train_blocks), ("validation", self.max_eval_blocks), ("test", self.max_eval_blocks)):
             blocks = pack_blocks(*self._tokens(split), self.block_size, tok.eos_token_id)
             if len(blocks) == 0:
-                raise ValueError(f"{self.corpus} {split}: fewer tokens than one block of {self.block_size}")
+                raise UserError(f"{self.corpus} {split}: fewer tokens than one block of {self.block_size}")
             if cap is not None and len(blocks) > cap:
                 blocks = blocks[np.sort(rng.choice(len(blocks), cap, replace=False))]
             self.blocks[split] = blocks

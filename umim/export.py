@@ -29,6 +29,7 @@ import torch
 
 from .corpus import tokenized_corpus
 from .datamodule import pack_blocks
+from .errors import UserError
 from .fingerprint import tokenizer_fingerprint
 from .lm import cache_dir
 from .merger import MergeModule, is_merger_dir
@@ -100,8 +101,14 @@ class ExportAndReport(L.Callback):
             self.out_dir = Path(trainer.default_root_dir)
         if stage == "fit":  # refuse before training, not after it
             check_writable_dir(self.out_dir)
-            check_replaceable(self.out_dir / "merger", is_merger_dir, "merger")
-            check_replaceable(self.out_dir / "rules", is_rules_dir, "rules")
+            self._check_outputs()
+            for v in self.rule_variants:
+                if v.path is not None and not is_rules_dir(Path(v.path)):
+                    raise UserError(f"rule_variants {v.name!r}: {v.path} is not a rules folder (umim mine --out)")
+
+    def _check_outputs(self) -> None:
+        check_replaceable(self.out_dir / "merger", is_merger_dir, "merger")
+        check_replaceable(self.out_dir / "rules", is_rules_dir, "rules")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.fit_started = time.perf_counter()
@@ -109,7 +116,8 @@ class ExportAndReport(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         train_seconds = time.perf_counter() - self.fit_started
-        if frozen_checksums(pl_module.lm) != self.teacher_checksums:
+        changed = frozen_checksums(pl_module.lm) != self.teacher_checksums  # this rank's shards
+        if trainer.strategy.reduce_boolean_decision(changed, all=False):  # every rank stops together
             raise RuntimeError("the frozen LM's weights changed during training (a bug): nothing exported")
         dm = trainer.datamodule
         cb = trainer.checkpoint_callback
@@ -187,6 +195,7 @@ class ExportAndReport(L.Callback):
             table = markdown_table(results)
             write_text_atomic(stage / "metrics.json", json.dumps({**extra, "results": results}, indent=2))
             write_text_atomic(stage / "metrics.md", table + "\n")
+            self._check_outputs()  # all destinations, before the first swap
             replace_dir(stage / "merger", out / "merger", is_merger_dir, "merger")
             if not same_rules:
                 replace_dir(stage / "rules", out / "rules", is_rules_dir, "rules")

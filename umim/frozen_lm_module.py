@@ -45,26 +45,6 @@ class FrozenLMModule(L.LightningModule):
             self.log(f"{stage}/loss", self.eval_loss[f"{stage}_loss"], prog_bar=True, on_step=False, on_epoch=True)
         self.log(f"{stage}/tr", self.tr[f"{stage}_tr"], on_step=False, on_epoch=True)
 
-    def _check_context(self) -> None:
-        """Refuse blocks longer than the LM's context before the first step (GPT-2 would fail with an IndexError)."""
-        from .errors import UserError
-        from .lm import max_positions
-
-        dm = getattr(self.trainer, "datamodule", None)
-        limit = max_positions(self.lm) if self.lm is not None else None
-        if dm is not None and limit and getattr(dm, "block_size", 0) > limit:
-            raise UserError(f"data.block_size {dm.block_size} exceeds the LM's context of {limit} positions: "
-                            f"lower --data.block_size")
-
-    def on_fit_start(self) -> None:
-        self._check_context()
-
-    def on_validation_start(self) -> None:
-        self._check_context()
-
-    def on_test_start(self) -> None:
-        self._check_context()
-
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
@@ -100,6 +80,10 @@ class FrozenLMModule(L.LightningModule):
         return not key.startswith("lm.") or self.keeps_lm_weight(key)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint trained for another LM (before its weights meet this model's)."""
         from .errors import UserError
 
         saved = (checkpoint.get("hyper_parameters") or {}).get("lm") or {}

@@ -40,8 +40,8 @@ from transformers import (
 )
 
 from . import kv_cache
+from .errors import UserError, one_line
 from .fingerprint import tokenizer_fingerprint
-from .errors import UserError
 from .lm import LMSpec, cache_kwargs, load_lm, load_tokenizer
 from .merger import MergeModule
 from .rules import MergeRules
@@ -76,8 +76,10 @@ class SamplingConfig:
             bad = f"top_p {self.top_p!r}: give a probability mass in (0, 1] (1 disables top-p)"
         elif self.top_k < 0:
             bad = f"top_k {self.top_k!r}: give 0 (off) or a positive count"
-        elif self.do_sample and not self.temperature > 0.0:
-            bad = f"temperature {self.temperature!r}: sampling needs a temperature above 0 (or drop do_sample)"
+        elif self.temperature < 0.0 or (self.do_sample and not self.temperature > 0.0):
+            bad = f"temperature {self.temperature!r}: give a temperature above 0 (sampling divides the logits by it)"
+        elif not isinstance(self.stop_strings, (list, tuple)):
+            bad = f"stop_strings {self.stop_strings!r}: give a list of strings"
         elif any(not isinstance(x, str) or x == "" for x in self.stop_strings):
             bad = f"stop strings {self.stop_strings!r}: each must be a non-empty string"
         if bad:
@@ -159,7 +161,7 @@ class MergedLM:
 
             check_fingerprint(merger.config.tokenizer, fp, "the merger")
             if merger.config.hidden_size != self.embed.embedding_dim:
-                raise ValueError(f"merger hidden size {merger.config.hidden_size} != LM's {self.embed.embedding_dim}")
+                raise UserError(f"merger hidden size {merger.config.hidden_size} != LM's {self.embed.embedding_dim}")
             merger = merger.to(device=lm.device, dtype=torch.float32).eval()
         self.merger, self.rules = merger, rules
         self._rule_sets: dict[int, set] | None = None
@@ -176,8 +178,14 @@ class MergedLM:
         if run_dir is not None:
             merger = merger or Path(run_dir) / "merger"
             rules = rules or Path(run_dir) / "rules"
+        try:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as e:
+            raise GenerationError(f"device {device!r}: {one_line(e)}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise GenerationError(f"device {str(device)!r}: no CUDA device here (use cpu)")
         model, tok = load_lm(spec), load_tokenizer(spec)
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
         loaded_rules = MergeRules.load(rules, tokenizer=tok) if rules else None
         loaded_merger = (
             MergeModule.from_pretrained(merger, hidden_size=model.get_input_embeddings().embedding_dim,
@@ -270,6 +278,8 @@ class MergedLM:
         if mode != "none" and (self.merger is None or self.rules is None):
             raise GenerationError(f"merge mode {mode!r} needs a merger and rules")
         cfg = sampling or SamplingConfig()
+        if not isinstance(cfg, SamplingConfig):
+            raise GenerationError(f"sampling must be a SamplingConfig, not {type(cfg).__name__}")
         ids_list = self._prompt_ids(prompts)
         stop_window = 16 + max(map(len, cfg.stop_strings), default=0)  # tokens enough to spell any stop string
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.tokenizer.eos_token_id

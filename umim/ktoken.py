@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
 from .module_io import config_with_digest
+from .safe_io import check_replaceable
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "encoder.safetensors"
@@ -37,7 +39,7 @@ K_CHOICES = (2, 3, 4)  # build_merged_batch handles spans of at most 4 tokens (u
 
 def check_k(k: int) -> int:
     if k not in K_CHOICES:
-        raise ValueError(f"K (tokens per merged block) must be one of {K_CHOICES}, got {k}")
+        raise UserError(f"K (tokens per merged block) must be one of {K_CHOICES}, got {k}")
     return int(k)
 
 
@@ -55,7 +57,7 @@ def blocks_for_ratio(ratio: float, n: int, k: int) -> int:
     """
     check_k(k)
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio (target token reduction) must be in [0, 1), got {ratio}")
+        raise UserError(f"ratio (target token reduction) must be in [0, 1), got {ratio}")
     return min(math.floor(ratio * n / (k - 1) + 0.5), n // k)
 
 
@@ -83,7 +85,7 @@ def kblock_segments(
     m = torch.as_tensor(n_blocks, dtype=torch.long, device=lengths.device).expand_as(lengths)
     if (m < 0).any() or (m * k > lengths).any():
         bad = ((m < 0) | (m * k > lengths)).nonzero()[0, 0].item()
-        raise ValueError(
+        raise UserError(
             f"row {bad}: {int(m[bad])} blocks of {k} do not fit in its {int(lengths[bad])} valid tokens "
             "(a block would merge padding)"
         )
@@ -109,6 +111,17 @@ class KTokenConfig:
     """Name of the LM the encoder is trained for (informational)."""
     tokenizer: dict | None = None
     """Tokenizer fingerprint of that LM; the encoder refuses to load for another vocabulary."""
+
+
+
+def is_ktoken_dir(path: Path) -> bool:
+    """Whether ``path`` is a K-token folder written by :meth:`KTokenEncoder.save_pretrained`."""
+    import json
+
+    try:
+        return json.loads((Path(path) / CONFIG_NAME).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class KTokenEncoder(nn.Module):
@@ -150,11 +163,11 @@ class KTokenEncoder(nn.Module):
         N, n_max, d = span_embeds.shape
         k = self.config.k
         if n_max < k or d != self.config.hidden_size:
-            raise ValueError(f"expected blocks [N, >={k}, {self.config.hidden_size}], got {tuple(span_embeds.shape)}")
+            raise UserError(f"expected blocks [N, >={k}, {self.config.hidden_size}], got {tuple(span_embeds.shape)}")
         if span_mask is not None:
             expected = torch.arange(n_max, device=span_mask.device)[None] < k
             if not torch.equal(span_mask.bool(), expected.expand_as(span_mask)):
-                raise ValueError(f"the K-token encoder merges full blocks of exactly {k} tokens")
+                raise UserError(f"the K-token encoder merges full blocks of exactly {k} tokens")
         x = span_embeds[:, :k].to(self.up.weight.dtype)  # [N, K, d]
         correction = self.down(torch.relu(self.up(x.reshape(N, k * d))))
         return (x.mean(dim=1) + correction).to(span_embeds.dtype)
@@ -162,10 +175,12 @@ class KTokenEncoder(nn.Module):
     # -- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``encoder.safetensors`` into ``path`` (atomically); other files
-        already in ``path`` (e.g. a LoRA ``adapter/``) are kept."""
+        already in a K-token folder (e.g. a LoRA ``adapter/``) are kept, any other non-empty folder is
+        refused (:class:`~umim.safe_io.OutputError`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        check_replaceable(path, is_ktoken_dir, "K-token encoder")
         path.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".encoder.", dir=path))
         try:

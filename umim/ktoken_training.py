@@ -33,10 +33,12 @@ from .alignment_metrics import alignment_metrics
 from .batch import MergedBatch, build_merged_batch
 from .datamodule import UMIMDataModule
 from .distillation import distill_forward
+from .errors import UserError
 from .fingerprint import tokenizer_fingerprint
 from .frozen_lm_module import STAGES, FrozenLMModule
-from .ktoken import KTokenConfig, KTokenEncoder, check_k, kblock_segments
+from .ktoken import KTokenConfig, KTokenEncoder, check_k, is_ktoken_dir, kblock_segments
 from .lm import LMSpec, load_lm, load_tokenizer
+from .safe_io import check_replaceable, check_writable_dir, replace_dir, staging_dir
 from .strategy import load_trainable_state_dict, trainable_state_dict
 
 ADAPTER_DIR = "adapter"
@@ -93,7 +95,7 @@ def save_adapter(lm, path: str | Path, lm_state: dict[str, torch.Tensor] | None 
     from safetensors.torch import save_file
 
     if not hasattr(lm, "peft_config"):
-        raise ValueError("the LM carries no LoRA adapter to save")
+        raise UserError("the LM carries no LoRA adapter to save")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lm.peft_config["default"].save_pretrained(str(path))
@@ -116,12 +118,12 @@ def load_adapter(lm, path: str | Path) -> None:
     if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{path} is not a saved LoRA adapter")
     if hasattr(lm, "peft_config"):
-        raise ValueError("the LM already carries a LoRA adapter; load the adapter into a fresh LM")
+        raise UserError("the LM already carries a LoRA adapter; load the adapter into a fresh LM")
     inject_adapter_in_model(LoraConfig.from_pretrained(str(path)), lm)
     result = set_peft_model_state_dict(lm, load_file(str(path / "adapter_model.safetensors")))
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
-        raise ValueError(f"adapter in {path} does not match the LM: {len(missing)} adapter weights missing, e.g. {missing[0]}")
+        raise UserError(f"adapter in {path} does not match the LM: {len(missing)} adapter weights missing, e.g. {missing[0]}")
     lm.requires_grad_(False)
 
 
@@ -229,7 +231,7 @@ class KTokenModule(FrozenLMModule):
         check_k(self.ktoken.k)
         lo, hi = self.ktoken.merge_fraction
         if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"merge_fraction must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.ktoken.merge_fraction}")
+            raise UserError(f"merge_fraction must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.ktoken.merge_fraction}")
         self.seed, self.export_dir = seed, export_dir
         self.encoder: KTokenEncoder | None = None
 
@@ -280,11 +282,24 @@ class KTokenModule(FrozenLMModule):
         module's own, which must then not be sharded."""
         path = Path(path)
         weights = trainable_state_dict(self, self.keeps_in_checkpoint) if weights is None else weights
+        check_replaceable(path, is_ktoken_dir, "K-token")
         encoder = KTokenEncoder(self.encoder.config)
         encoder.load_state_dict({k[len("encoder.") :]: v for k, v in weights.items() if k.startswith("encoder.")})
-        encoder.save_pretrained(path)
-        shutil.rmtree(path / ADAPTER_DIR, ignore_errors=True)
-        return path
+        stage = staging_dir(path)  # the whole folder (encoder, adapter) is swapped in at once
+        try:
+            encoder.save_pretrained(stage)
+            self.export_extra(stage, weights)
+            return replace_dir(stage, path, is_ktoken_dir, "K-token")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def export_extra(self, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+        """Write what else a trained K-token folder holds (the LoRA variant: its adapter)."""
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.export_dir:  # refuse before training, not after it
+            check_writable_dir(self.export_dir)
+            check_replaceable(self.export_dir, is_ktoken_dir, "K-token")
 
     def on_train_end(self) -> None:
         """Export the best checkpoint's weights (the final ones when no checkpoint monitors a metric).
@@ -400,8 +415,5 @@ class KTokenLoRA(KTokenModule):
     def keeps_lm_weight(self, key: str) -> bool:
         return "lora_" in key  # the adapters are trained; the base LM is not
 
-    def export(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
-        weights = trainable_state_dict(self, self.keeps_in_checkpoint) if weights is None else weights
-        path = super().export(path, weights)
-        save_adapter(self.lm, path / ADAPTER_DIR, {k[len("lm.") :]: v for k, v in weights.items() if k.startswith("lm.")})
-        return path
+    def export_extra(self, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+        save_adapter(self.lm, folder / ADAPTER_DIR, {k[len("lm.") :]: v for k, v in weights.items() if k.startswith("lm.")})

@@ -145,9 +145,12 @@ def load_lm(spec: LMSpec):
     return model
 
 
-def max_positions(lm) -> int | None:
-    """The LM's context length in positions (None when its config does not say)."""
-    c = lm.config
+def context_length(spec: LMSpec) -> int | None:
+    """The LM's context length in positions, read from its config alone (None when it does not say)."""
+    from transformers import AutoConfig
+
+    path, kwargs = resolve(spec)
+    c = _load("config", spec, lambda: AutoConfig.from_pretrained(path, **kwargs))
     return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .errors import UserError
+
 
 class SpanMatcher:
     """Longest-match segmenter for a rule set ``{n: int array [k, n]}`` over a vocabulary of size V."""
@@ -32,7 +34,7 @@ class SpanMatcher:
         for n, g in ngrams.items():
             g = np.asarray(g)
             if len(g) and (g.min() < 0 or g.max() >= self.vocab_size):
-                raise ValueError(f"rule {n}-grams hold token ids outside [0, {self.vocab_size})")
+                raise UserError(f"rule {n}-grams hold token ids outside [0, {self.vocab_size})")
         for level in range(2, self.max_n + 1):
             longer = [n for n in parents if n >= level]
             level_keys = {
@@ -68,7 +70,7 @@ class SpanMatcher:
         flat = ids2.ravel()
         valid = flat[room > 0]
         if valid.size and (valid.min() < 0 or valid.max() >= self.vocab_size):
-            raise ValueError(f"token ids outside the rules' vocabulary [0, {self.vocab_size}): wrong tokenizer?")
+            raise UserError(f"token ids outside the rules' vocabulary [0, {self.vocab_size}): wrong tokenizer?")
         out = np.ones(B * L, dtype=np.int8)
         pos = np.flatnonzero(room >= 2)
         node = flat[pos]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
 from .module_io import config_with_digest
 from .safe_io import check_replaceable, replace_dir, staging_dir
 
@@ -58,8 +59,8 @@ class MergeModule(nn.Module):
     def __init__(self, config: MergerConfig):
         super().__init__()
         d, h = config.hidden_size, config.num_heads
-        if d % h:
-            raise ValueError(f"hidden_size {d} is not divisible by num_heads {h}")
+        if type(d) is not int or type(h) is not int or d < 1 or h < 1 or d % h:
+            raise UserError(f"hidden_size {d!r} must be a positive integer divisible by num_heads {h!r}")
         self.config = config
         self.num_heads, self.head_dim = h, d // h
         self.query = nn.Parameter(torch.zeros(h, d // h))

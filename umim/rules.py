@@ -38,7 +38,10 @@ MAX_N = 4  # the longest span a merger is trained for (umim.batch builds spans o
 
 def is_rules_dir(path: Path) -> bool:
     """Whether ``path`` is a rules folder written by :meth:`MergeRules.save`."""
-    return (Path(path) / "rules.json").is_file()
+    try:
+        return json.loads((Path(path) / "rules.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 class RulesFileError(UserError):
     """A rules directory is missing, corrupted or of an unknown format."""
@@ -180,5 +183,11 @@ class MergeRules:
         except (KeyError, TypeError, ValueError) as e:
             raise RulesFileError(f"{meta_file} lacks or mangles a required field: {e!r}") from e
         if tokenizer is not None:
-            rules.check_tokenizer(tokenizer)
+            if not isinstance(rules.tokenizer, dict):
+                raise RulesFileError(f"{meta_file} records no tokenizer fingerprint, so it cannot be checked against "
+                                     "this LM's vocabulary: mine the rules again with umim mine")
+            check_fingerprint(rules.tokenizer, tokenizer_fingerprint(tokenizer), f"the merge rules in {path}")
+            vocab = len(tokenizer)
+            if any(len(g) and g.max() >= vocab for g in ngrams.values()):
+                raise RulesFileError(f"{tensor_file}: token ids beyond the tokenizer's {vocab} entries")
         return rules

@@ -51,28 +51,39 @@ def check_replaceable(dst: str | os.PathLike, is_ours: Callable[[Path], bool], w
                               "choose another output path or move those files")
     except FileNotFoundError:
         return
+    except NotADirectoryError as e:
+        raise OutputError(f"{dst} lies under a file, not a folder: choose another output path") from e
 
 
 def replace_dir(tmp: Path, dst: str | os.PathLike, is_ours: Callable[[Path], bool], what: str) -> Path:
     """Move the finished folder ``tmp`` to ``dst``, replacing an earlier ``what`` folder there."""
-    dst = Path(dst)
+    dst, tmp = Path(dst), Path(tmp)
     check_replaceable(dst, is_ours, what)
     aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    moved = None
     try:
         for attempt in range(100):  # another writer may swap its own folder in between: then try again
             try:
                 if dst.exists():
-                    os.replace(dst, aside / f"{attempt}")
+                    moved = aside / str(attempt)
+                    os.replace(dst, moved)
                 os.replace(tmp, dst)
+                shutil.rmtree(aside, ignore_errors=True)  # only now is the old folder given up
                 return dst
             except FileNotFoundError:
+                if not tmp.exists():
+                    raise
                 continue  # dst moved away by the other writer
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
         raise OutputError(f"{dst}: other processes keep replacing it; try again")
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        if moved is not None and moved.exists() and not dst.exists():
+            os.replace(moved, dst)  # put the previous folder back
+        if aside.exists() and not any(aside.iterdir()):
+            aside.rmdir()
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from .errors import UserError
 from .frozen_lm_module import FrozenLMModule
 
 
@@ -45,7 +46,7 @@ def decoder_layer_names(lm: nn.Module, names: list[str] | None) -> set[str]:
     found = set(names or getattr(lm, "_no_split_modules", None) or [])
     present = {type(m).__name__ for m in lm.modules()}
     if not found & present:
-        raise ValueError(f"no decoder layer of classes {sorted(found)} in {type(lm).__name__}; "
+        raise UserError(f"no decoder layer of classes {sorted(found)} in {type(lm).__name__}; "
                          "name them with wrap_layers (e.g. LlamaDecoderLayer, Qwen2DecoderLayer, GPT2Block)")
     return found
 
@@ -114,7 +115,11 @@ def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor])
     own = module.state_dict(keep_vars=True)
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise KeyError(f"checkpoint entries this model does not have: {unknown[:5]}")
+        raise UserError(f"the checkpoint holds entries this model does not have (another model?): {unknown[:3]}")
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserError(f"the checkpoint's {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, this model's "
+                        f"{tuple(own[wrong[0]].shape)} (another model?)")
     with torch.no_grad():
         for k, full in state.items():
             target = own[k]
@@ -182,6 +187,7 @@ class DecoderLayerFSDP(ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         checkpoint = torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        self.lightning_module.check_checkpoint(checkpoint)  # before any tensor is copied
         load_trainable_state_dict(self.lightning_module, checkpoint.pop("state_dict"))
         states = checkpoint.pop("optimizer_states", [])
         if self.lightning_module.trainer.state.fn == "fit":

@@ -64,25 +64,58 @@ def runner_parser(command: str):
     return p, cfg_cls
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """Name a missing or unreadable ``--config`` file (jsonargparse's message does not name it)."""
+    import yaml
+
+    from umim.errors import UserError
+
+    for i, a in enumerate(argv):
+        path = a.partition("=")[2] if a.startswith("--config=") else (argv[i + 1] if a == "--config" and
+                                                                       i + 1 < len(argv) else None)
+        if path is None:
+            continue
+        try:
+            yaml.safe_load(open(path, encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"--config {path}: {e.strerror or e}") from e
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"--config {path} is not valid YAML: {' '.join(str(e).split())[:200]}") from e
+
+
 def parse_runner_config(command: str, argv: list[str]):
     """Settings dataclass of ``command`` from ``argv`` (``--config FILE`` and overrides)."""
+    _check_config_files(argv)
     p, cfg_cls = runner_parser(command)
     ns = p.parse_args(argv).as_dict()
     ns.pop("config", None)
     return cfg_cls(**ns)
 
 
+def _inputs_stamp(cfg) -> str:
+    """A hash of the merger and rules files a run reads (its settings name only their paths)."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    run_dir = getattr(cfg, "run_dir", None)
+    for folder in (getattr(cfg, "merger", None) or (run_dir and Path(run_dir) / "merger"),
+                   getattr(cfg, "rules", None) or (run_dir and Path(run_dir) / "rules")):
+        for name in ("config.json", "rules.json", "rules.safetensors"):
+            f = Path(folder) / name if folder else None
+            if f is not None and f.is_file():
+                h.update(name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
 def run_command(command: str, argv: list[str]) -> int:
     """Parse, run, write JSON + markdown, print the table."""
     import importlib
-
-    from .results import write_results
-
     from dataclasses import asdict
 
     from umim.safe_io import check_writable_dir
 
-    from .results import Journal
+    from .results import Journal, write_results
 
     cfg = parse_runner_config(command, argv)
     module, _, run_name, table_name, file_name = RUNNERS[command]
@@ -90,7 +123,8 @@ def run_command(command: str, argv: list[str]) -> int:
     check_writable_dir(out_dir)  # before any work, not after it
     mod = importlib.import_module(module)
     run = getattr(mod, run_name)
-    journal = Journal(out_dir, file_name, asdict(cfg)) if "journal" in inspect.signature(run).parameters else None
+    settings = {**asdict(cfg), "inputs": _inputs_stamp(cfg)}  # retrained merger or re-mined rules: afresh
+    journal = Journal(out_dir, file_name, settings) if "journal" in inspect.signature(run).parameters else None
     if journal is not None and journal.resumed:
         print(f"resuming: {journal.resumed} pieces already computed in {journal.path}", file=sys.stderr)
     result = run(cfg, journal=journal) if journal is not None else run(cfg)

@@ -29,12 +29,13 @@ from dataclasses import asdict, dataclass, field
 from tqdm.auto import tqdm
 
 from umim.corpus import load_documents
+from umim.errors import UserError
 from umim.generation import MergedLM
 from umim.lm import LMSpec
 
 from .baselines.policy_generate import eager_attention
 from .compressed_inputs import continuation_nll_from, prompt_inputs
-from .methods import LABELS, is_kv_policy, make_method
+from .methods import LABELS, check_methods, is_kv_policy, make_method
 from .results import Journal, fmt, markdown_table, pct
 
 
@@ -84,12 +85,12 @@ def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int,
     from umim.datamodule import pack_blocks
 
     if context_tokens < 1 or target_tokens < 1 or n < 1:
-        raise ValueError("n_samples, context_tokens and target_tokens must be >= 1")
+        raise UserError("n_samples, context_tokens and target_tokens must be >= 1")
     need = context_tokens + target_tokens
     ids, offsets = tokenize_documents(load_documents(data, split), tokenizer, progress=False)
     blocks = pack_blocks(ids, offsets, need, tokenizer.eos_token_id)
     if len(blocks) < n:
-        raise ValueError(f"{data}:{split} holds {len(ids):,} tokens = {len(blocks)} windows of {need}; "
+        raise UserError(f"{data}:{split} holds {len(ids):,} tokens = {len(blocks)} windows of {need}; "
                          f"{n} requested: lower n_samples, context_tokens or target_tokens")
     return [(b[:context_tokens].tolist(), b[context_tokens:].tolist()) for b in blocks[:n]]
 
@@ -120,15 +121,21 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     (TRs are means over examples).
     """
     t0 = time.perf_counter()
+    check_methods(cfg.methods, cfg.method_options)
+    for t in cfg.targets:
+        if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):
+            raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
+    if cfg.n_samples < 1 or cfg.context_tokens < 1 or cfg.target_tokens < 1:
+        raise UserError("n_samples, context_tokens and target_tokens must be >= 1")
     m = merged_lm or MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules,
                                    run_dir=cfg.run_dir, device=cfg.device)
     examples = load_examples(cfg.data, cfg.split, m.tokenizer, cfg.n_samples, cfg.context_tokens, cfg.target_tokens)
     for t in cfg.targets:
         if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):
-            raise ValueError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
+            raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
     umim = make_method("umim", merged_lm=m) if m.merger is not None and m.rules is not None else None
     if "umim" in cfg.targets and umim is None:
-        raise ValueError("targets 'umim' needs a merger and rules (run_dir, or merger + rules)")
+        raise UserError("targets 'umim' needs a merger and rules (run_dir, or merger + rules)")
     # UMIM's TR needs only the segmentation, not the surrogates
     umim_tr = [1.0 - len(m.rules.segment(c)) / len(c) if umim else None for c, _ in examples]
     n_tgt = sum(len(t) for _, t in examples)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from umim.errors import UserError
+
 from .baselines.base import PromptCompressor, PromptMerger
 from .token_nll import token_nll
 
@@ -42,7 +44,7 @@ def prompt_inputs(method, lm, tokenizer, prompt_ids: list[int]) -> PromptInputs:
     """Run ``method`` on one prompt (``None``: unchanged) and embed the result: [S, d]."""
     ids = list(prompt_ids)
     if not ids:
-        raise ValueError("empty prompt: give at least one token")
+        raise UserError("empty prompt: give at least one token")
     embed = lm.get_input_embeddings()
     if method is None:
         kept = ids
@@ -61,7 +63,7 @@ def continuation_nll_from(lm, prompt: PromptInputs, target_ids: list[int]) -> to
     """[C] float64 NLL (nats) of each target token after the fed prompt (targets unmerged, one
     position each, contiguous with the prompt's compressed positions)."""
     if not target_ids:
-        raise ValueError("empty target")
+        raise UserError("empty target")
     tgt = torch.tensor(list(target_ids), device=lm.device)
     x = torch.cat([prompt.embeds, lm.get_input_embeddings()(tgt[:-1])])[None]
     S = prompt.n_fed

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from umim.errors import UserError
 from umim.generation import MergedLM, SamplingConfig
 from umim.lm import LMSpec
 
@@ -104,12 +105,12 @@ class GenQualityConfig:
 def _check(cfg: GenQualityConfig) -> None:
     unknown = [d for d in cfg.decodings if d not in DECODINGS]
     if unknown or not cfg.decodings:
-        raise ValueError(f"unknown decoding(s) {unknown or cfg.decodings}; choose from {list(DECODINGS)}")
+        raise UserError(f"unknown decoding(s) {unknown or cfg.decodings}; choose from {list(DECODINGS)}")
     if cfg.merge_mode not in ("prompt", "dynamic"):
-        raise ValueError(f"merge_mode must be 'prompt' or 'dynamic', got {cfg.merge_mode!r}")
+        raise UserError(f"merge_mode must be 'prompt' or 'dynamic', got {cfg.merge_mode!r}")
     for name in ("n_samples", "prompt_tokens", "ref_tokens", "new_tokens", "runs", "batch_size"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
 
 
 def select_samples(cfg: GenQualityConfig, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
@@ -195,11 +196,11 @@ def run_gen_quality(cfg: GenQualityConfig, progress: bool = True, model: MergedL
     t0 = time.perf_counter()
     if model is None:
         if cfg.run_dir is None and (cfg.merger is None or cfg.rules is None):
-            raise ValueError("give run_dir, or both merger and rules, for the merged model")
+            raise UserError("give run_dir, or both merger and rules, for the merged model")
         model = MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir,
                               device=cfg.device)
     if model.merger is None or model.rules is None:
-        raise ValueError("the merged model needs a merger and rules")
+        raise UserError("the merged model needs a merger and rules")
     tok = model.tokenizer
     prompts, refs = select_samples(cfg, tok)
     ref_texts = tok.batch_decode(refs, skip_special_tokens=True)

@@ -42,12 +42,14 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
+from umim.errors import UserError
+
 # -- repetition and diversity ------------------------------------------------------------------------
 
 
 def _ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple]:
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserError(f"n must be >= 1, got {n}")
     tokens = list(tokens)
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
@@ -95,9 +97,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def _check_pairs(preds: Sequence[str], refs: Sequence[str]) -> None:
     if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+        raise UserError(f"{len(preds)} predictions but {len(refs)} references")
     if not preds:
-        raise ValueError("no texts to score")
+        raise UserError("no texts to score")
 
 
 def rouge(preds: Sequence[str], refs: Sequence[str], split_sentences: bool = False) -> dict[str, float]:
@@ -223,13 +225,13 @@ class BertScorer:
             from bert_score.utils import model2layers
 
             if model_type not in model2layers:
-                raise ValueError(f"no default layer for BERTScore model {model_type!r}: give num_layers "
+                raise UserError(f"no default layer for BERTScore model {model_type!r}: give num_layers "
                                  "(about two thirds of the model's depth is a common choice)")
             num_layers = model2layers[model_type]
         self.tokenizer, self.model, self.max_len = _load_encoder(model_type, device)
         n_total = getattr(self.model.config, "num_hidden_layers", None)
         if not 0 <= num_layers <= (n_total if n_total is not None else num_layers):
-            raise ValueError(f"num_layers={num_layers} is outside 0..{n_total} for {model_type!r}")
+            raise UserError(f"num_layers={num_layers} is outside 0..{n_total} for {model_type!r}")
         self.model_type, self.num_layers, self.batch_size = model_type, num_layers, batch_size
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -320,7 +322,7 @@ class MauveFeaturizer:
     def features(self, texts: Sequence[str]) -> np.ndarray:
         """Features [N, d] float32, one row per text, in order."""
         if not texts:
-            raise ValueError("no texts to featurize")
+            raise UserError("no texts to featurize")
         dev = next(self.model.parameters()).device
         feats = []
         for i in range(0, len(texts), self.batch_size):
@@ -338,7 +340,7 @@ def mauve_buckets(n_p: int, n_q: int, num_buckets: int | str = "auto") -> int:
     if num_buckets == "auto":
         return max(2, int(round(min(n_p, n_q) / 10)))
     if not isinstance(num_buckets, int) or num_buckets < 2:
-        raise ValueError(f"num_buckets must be 'auto' or an int >= 2, got {num_buckets!r}")
+        raise UserError(f"num_buckets must be 'auto' or an int >= 2, got {num_buckets!r}")
     return num_buckets
 
 
@@ -364,10 +366,10 @@ def mauve_from_features(p_features: np.ndarray, q_features: np.ndarray, num_buck
 
     p, q = np.asarray(p_features, dtype=np.float32), np.asarray(q_features, dtype=np.float32)
     if p.ndim != 2 or q.ndim != 2 or p.shape[1] != q.shape[1]:
-        raise ValueError(f"features must be [N, d] with the same d, got {p.shape} and {q.shape}")
+        raise UserError(f"features must be [N, d] with the same d, got {p.shape} and {q.shape}")
     k = mauve_buckets(len(p), len(q), num_buckets)
     if min(len(p), len(q)) < k:
-        raise ValueError(f"MAUVE with {k} buckets needs at least {k} samples per side, got {len(p)} and {len(q)} "
+        raise UserError(f"MAUVE with {k} buckets needs at least {k} samples per side, got {len(p)} and {len(q)} "
                          "(lower num_buckets or score more samples; MAUVE is only stable with hundreds)")
     out = mauve_lib.compute_mauve(p_features=p, q_features=q, num_buckets=k, seed=seed,
                                   kmeans_num_redo=kmeans_num_redo, kmeans_max_iter=kmeans_max_iter)

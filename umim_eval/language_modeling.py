@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from umim.corpus import load_documents, tokenize_documents
+from umim.errors import UserError
 from umim.generation import MergedLM
 from umim.lm import LMSpec
 
@@ -71,12 +72,15 @@ def run_ppl(cfg: PPLConfig, progress: bool = True, merged_lm: MergedLM | None = 
     from .perplexity import perplexity
 
     if not cfg.datasets:
-        raise ValueError("no datasets given")
+        raise UserError("no datasets given")
+    if cfg.max_tokens < 0 or cfg.window < 2 or cfg.batch_size < 1:
+        raise UserError(f"need max_tokens >= 0 (0 = all), window >= 2 and batch_size >= 1, got {cfg.max_tokens}, "
+                        f"{cfg.window}, {cfg.batch_size}")
     t0 = time.perf_counter()
     m = merged_lm or MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules,
                                    run_dir=cfg.run_dir, device=cfg.device)
     if m.merger is None or m.rules is None:
-        raise ValueError("umim-eval ppl needs a merger and rules (run_dir, or merger + rules)")
+        raise UserError("umim-eval ppl needs a merger and rules (run_dir, or merger + rules)")
     get = journal.get_or if journal is not None else (lambda key, compute: compute())
     rows: dict[str, dict] = {"base": {}, "umim": {}}
     for name, spec in cfg.datasets.items():

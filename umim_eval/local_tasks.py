@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from umim.corpus import load_documents
+from umim.errors import UserError
 
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -43,7 +44,7 @@ def cloze_examples(spec: str, split: str = "test", n: int = 200, n_choices: int 
         if len(out) == n:
             break
     if not out:
-        raise ValueError(f"{spec}:{split} has no document with {min_context_words}+ words before a next sentence")
+        raise UserError(f"{spec}:{split} has no document with {min_context_words}+ words before a next sentence")
     return out
 
 

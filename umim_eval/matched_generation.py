@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from umim.generation import MergedLM, SamplingConfig
 from umim.errors import UserError
+from umim.generation import MergedLM, SamplingConfig
 from umim.lm import LMSpec
 
 from .baselines.policy_generate import eager_attention, policy_generate
@@ -90,20 +90,20 @@ def load_merged_lm(lm: str, dtype: str = "float32", device: str | None = None, r
                    rules=None, need_merger: bool = False) -> MergedLM:
     """The target LM (plus merger and rules when given) on ``device`` (default CUDA when available)."""
     if need_merger and run_dir is None and (merger is None or rules is None):
-        raise ValueError("umim (and UMIM matching) needs a merger and rules: set run_dir, or merger and rules")
+        raise UserError("umim (and UMIM matching) needs a merger and rules: set run_dir, or merger and rules")
     return MergedLM.load(LMSpec(lm, dtype=dtype), merger=merger, rules=rules, run_dir=run_dir, device=device)
 
 
 def match_targets(match: str, ratio: float | None, m: MergedLM, prompts: list[list[int]]) -> list[float]:
     """Per prompt, the TR every method is driven to (see the module docstring)."""
     if match not in MATCHES:
-        raise ValueError(f"unknown match {match!r}; choose from {MATCHES}")
+        raise UserError(f"unknown match {match!r}; choose from {MATCHES}")
     if match == "fixed":
         if ratio is None or not 0.0 <= float(ratio) < 1.0:
-            raise ValueError(f'match="fixed" needs ratio in [0, 1), got {ratio!r}')
+            raise UserError(f'match="fixed" needs ratio in [0, 1), got {ratio!r}')
         return [float(ratio)] * len(prompts)
     if m.merger is None or m.rules is None:
-        raise ValueError(f'match="{match}" needs UMIM\'s merger and rules (run_dir), or use match="fixed" with ratio')
+        raise UserError(f'match="{match}" needs UMIM\'s merger and rules (run_dir), or use match="fixed" with ratio')
     # the segmentation UMIMMerge uses, without embedding anything
     trs = [1.0 - len(m.rules.segment(list(p))) / len(p) for p in prompts]
     return trs if match == "per_example" else [sum(trs) / len(trs)] * len(prompts)
@@ -146,7 +146,7 @@ def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: 
     [N][n_samples] :class:`Generated`.
     """
     if len(targets) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        raise UserError(f"{len(prompts)} prompts but {len(targets)} targets")
     opts = dict(options or {})
     lm, tok, G = m.lm, m.tokenizer, sampling.max_new_tokens
     context = model_context(lm)
@@ -161,7 +161,7 @@ def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: 
             for i, (p, t) in enumerate(zip(prompts, targets)):
                 P = len(p)
                 if context and P + G > context:
-                    raise ValueError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
+                    raise UserError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
                 policy = method
                 policy.ratio = t  # the prompt reduced by t, the generation kept (schedule "prompt")
                 for s in range(n_samples):
@@ -179,7 +179,7 @@ def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: 
             method.ratio = float(t)
         inp = prompt_inputs(method, lm, tok, p)
         if context and inp.n_fed + G > context:
-            raise ValueError(f"prompt {i}: {inp.n_fed} positions + {G} new exceed the model's context {context}")
+            raise UserError(f"prompt {i}: {inp.n_fed} positions + {G} new exceed the model's context {context}")
         inputs.append(inp)
     items = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else None)

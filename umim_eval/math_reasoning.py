@@ -28,6 +28,7 @@ from fractions import Fraction
 
 from tqdm.auto import tqdm
 
+from umim.errors import UserError
 from umim.generation import SamplingConfig
 
 from .matched_generation import (
@@ -38,7 +39,7 @@ from .matched_generation import (
     match_targets,
     model_context,
 )
-from .methods import LABELS
+from .methods import LABELS, check_methods
 from .results import markdown_table, pct, write_results
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -53,7 +54,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     huge binomials.
     """
     if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+        raise UserError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:  # every k-subset holds a correct sample
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -255,7 +256,7 @@ class MathConfig:
 def problem_prompt_ids(tokenizer, problem: str, template: str, chat_template: bool = True) -> list[int]:
     """[P] prompt ids of one problem (one user turn of the chat template when used and available)."""
     if "{problem}" not in template:
-        raise ValueError(f"prompt_template needs a {{problem}} field, got {template!r}")
+        raise UserError(f"prompt_template needs a {{problem}} field, got {template!r}")
     text = template.format(problem=problem.strip())
     if chat_template and getattr(tokenizer, "chat_template", None):
         out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -266,13 +267,18 @@ def problem_prompt_ids(tokenizer, problem: str, template: str, chat_template: bo
 
 def _check(cfg: MathConfig) -> None:
     if not cfg.methods or not cfg.datasets:
-        raise ValueError("methods and datasets must not be empty")
+        raise UserError("methods and datasets must not be empty")
     if not 1 <= cfg.k <= cfg.n:
-        raise ValueError(f"need 1 <= k <= n, got k={cfg.k}, n={cfg.n}")
+        raise UserError(f"need 1 <= k <= n, got k={cfg.k}, n={cfg.n}")
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-        raise ValueError("max_new_tokens and batch_size must be >= 1")
+        raise UserError("max_new_tokens and batch_size must be >= 1")
     if cfg.match not in MATCHES:
-        raise ValueError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
+        raise UserError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
+    if cfg.match == "fixed" and (cfg.ratio is None or not 0.0 <= cfg.ratio < 1.0):
+        raise UserError(f'match="fixed" needs ratio in [0, 1), got {cfg.ratio!r}')
+    if "{problem}" not in cfg.prompt_template:
+        raise UserError(f"prompt_template needs a {{problem}} field, got {cfg.prompt_template!r}")
+    check_methods(cfg.methods, cfg.method_options)
 
 
 def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:
@@ -306,7 +312,7 @@ def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:
                    for r in records]
         longest = max(map(len, prompts))
         if context and longest + cfg.max_new_tokens > context:
-            raise ValueError(f"{ds_name}: a {longest}-token prompt + max_new_tokens={cfg.max_new_tokens} exceeds the "
+            raise UserError(f"{ds_name}: a {longest}-token prompt + max_new_tokens={cfg.max_new_tokens} exceeds the "
                              f"model's context of {context}; lower max_new_tokens")
         refs = [r[ds.answer_field] for r in records]
         targets = match_targets(cfg.match, cfg.ratio, m, prompts)

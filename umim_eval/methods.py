@@ -12,6 +12,9 @@ costs nothing.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+
+from umim.errors import UserError
 
 METHODS: dict[str, str] = {
     "umim": "umim_eval.baselines.umim_merge:UMIMMerge",
@@ -29,7 +32,7 @@ METHODS: dict[str, str] = {
 
 def method_class(name: str):
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {['base', *sorted(METHODS)]}")
+        raise UserError(f"unknown method {name!r}; choose from {['base', *sorted(METHODS)]}")
     module, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -41,6 +44,29 @@ LABELS = {"base": "Base LM", "umim": "Merge Module (UMIM)", "umim_budget": "UMIM
 
 USES_MERGED_LM = ("umim", "umim_budget")
 """Methods built on the run's merger and rules (``merged_lm=``)."""
+
+
+def check_methods(names, method_options: dict | None = None) -> None:
+    """Refuse unknown method names, unknown options and missing trained folders before any model is loaded."""
+    import inspect
+
+    for name in names:
+        if name == "base":
+            continue
+        cls = method_class(name)
+        options = dict((method_options or {}).get(name) or {})
+        path = options.pop("path", None)
+        if name == "ktoken":
+            if path is None:
+                raise UserError("method 'ktoken' needs method_options {ktoken: {path: FOLDER}} (a trained encoder; "
+                                "umim fit --config conf/ktoken.yaml writes runs/ktoken/ktoken)")
+            if not Path(path).is_dir():
+                raise UserError(f"method 'ktoken': no trained encoder at {path} (run umim fit --config conf/ktoken.yaml "
+                                "or drop ktoken from methods)")
+        known = set(inspect.signature(cls.load if name == "ktoken" else cls).parameters)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(f"method_options of {name!r}: unknown option(s) {unknown}")
 
 
 def make_method(name: str, ratio: float | None = None, merged_lm=None, **options):
@@ -55,11 +81,11 @@ def make_method(name: str, ratio: float | None = None, merged_lm=None, **options
     ratio = 0.0 if ratio is None else ratio
     if name in USES_MERGED_LM:
         if merged_lm is None or merged_lm.merger is None or merged_lm.rules is None:
-            raise ValueError(f"method {name!r} needs a merger and rules (run_dir, or merger + rules)")
+            raise UserError(f"method {name!r} needs a merger and rules (run_dir, or merger + rules)")
         return cls(merged_lm=merged_lm, **options) if name == "umim" else cls(merged_lm=merged_lm, ratio=ratio, **options)
     if name == "ktoken":
         if "path" not in options or merged_lm is None:
-            raise ValueError("method 'ktoken' needs method_options {ktoken: {path: FOLDER}} (a trained encoder)")
+            raise UserError("method 'ktoken' needs method_options {ktoken: {path: FOLDER}} (a trained encoder)")
         return cls.load(options.pop("path"), merged_lm.lm, merged_lm.tokenizer, ratio=ratio, **options)
     return cls(ratio=ratio, **options)
 

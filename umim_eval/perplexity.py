@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from umim.batch import build_merged_batch
+from umim.errors import UserError
 from umim.lm import cache_kwargs, output_cache
 from umim.merger import MergeModule
 from umim.rules import MergeRules
@@ -77,15 +78,15 @@ class NLLResult:
 # -- input checks and segmentation -------------------------------------------------------------------
 def _check_batch(ids: torch.Tensor, lengths) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
-        raise ValueError("ids must be a 2-D LongTensor [B, L]")
+        raise UserError("ids must be a 2-D LongTensor [B, L]")
     B, L = ids.shape
     if B == 0 or L == 0:
-        raise ValueError("empty input: need at least one row with at least one token")
+        raise UserError("empty input: need at least one row with at least one token")
     if lengths is None:
         lengths = torch.full((B,), L, dtype=torch.long)
     lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
     if lengths.shape != (B,) or (lengths < 1).any() or (lengths > L).any():
-        raise ValueError(f"lengths must be [B] = [{B}] values in [1, {L}], got {lengths.tolist()}")
+        raise UserError(f"lengths must be [B] = [{B}] values in [1, {L}], got {lengths.tolist()}")
     return lengths
 
 
@@ -103,14 +104,14 @@ def _segments(rules: MergeRules | None, ids: torch.Tensor, lengths: torch.Tensor
 
 def _no_merger(span_embeds: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
     if span_embeds.shape[0]:
-        raise ValueError("these windows contain rule n-grams to merge, but no merger was given")
+        raise UserError("these windows contain rule n-grams to merge, but no merger was given")
     return span_embeds[:, 0]
 
 
 def _ready_merger(merger: MergeModule | None, lm) -> MergeModule | None:
     if merger is not None:
         if merger.config.hidden_size != lm.get_input_embeddings().embedding_dim:
-            raise ValueError(
+            raise UserError(
                 f"merger hidden size {merger.config.hidden_size} != LM's {lm.get_input_embeddings().embedding_dim}"
             )
         merger = merger.to(lm.device)
@@ -226,7 +227,7 @@ def reference_nll(lm, merger: MergeModule | None, rules: MergeRules | None, ids:
             if n == 1:
                 return embed(x[s : s + 1])[0]
             if merger is None:
-                raise ValueError("these windows contain rule n-grams to merge, but no merger was given")
+                raise UserError("these windows contain rule n-grams to merge, but no merger was given")
             return merger(embed(x[s : s + n])[None])[0]
 
         def score(logits_row: torch.Tensor, t: int) -> None:
@@ -266,15 +267,15 @@ def perplexity(lm, merger: MergeModule | None, rules: MergeRules | None, token_i
     from tqdm.auto import tqdm
 
     if window < 2:
-        raise ValueError(f"window must be >= 2 tokens (the first of each window is not scored), got {window}")
+        raise UserError(f"window must be >= 2 tokens (the first of each window is not scored), got {window}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     ids = torch.as_tensor(np.asarray(token_ids_1d), dtype=torch.long).reshape(-1)
     if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to score, got {ids.numel()}")
+        raise UserError(f"need at least 2 tokens to score, got {ids.numel()}")
     context = int(getattr(lm.config, "max_position_embeddings", 0) or 0)
     if context and window > context:
-        raise ValueError(f"window {window} exceeds the model's context of {context} positions")
+        raise UserError(f"window {window} exceeds the model's context of {context} positions")
 
     windows = list(ids.split(window))
     if len(windows) > 1 and len(windows[-1]) < 2:

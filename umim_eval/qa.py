@@ -12,7 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from .methods import LABELS
+from umim.errors import UserError
+
+from .methods import LABELS, check_methods
 from .results import Journal, fmt, markdown_table, pct
 
 
@@ -56,7 +58,7 @@ def _model(cfg: QAConfig, method: str):
     if method == "base":
         return UMIMLM(merge="none", **kw)
     if cfg.run_dir is None and (method == "umim" or cfg.ratio == "umim"):
-        raise ValueError(f"method {method!r} needs run_dir (the merger and rules)")
+        raise UserError(f"method {method!r} needs run_dir (the merger and rules)")
     if method == "umim":
         return UMIMLM(run_dir=cfg.run_dir, merge="prompt", **kw)
     return UMIMLM(run_dir=cfg.run_dir, merge="none", compressor=method, ratio=cfg.ratio, **kw)
@@ -76,6 +78,10 @@ def run_qa(cfg: QAConfig, journal: Journal | None = None) -> dict:
 
     from .local_tasks import write_cloze_task
 
+    if cfg.local_examples < 1 or (cfg.limit is not None and cfg.limit < 1) or cfg.batch_size < 1:
+        raise UserError(f"local_examples, limit and batch_size must be >= 1, got {cfg.local_examples}, {cfg.limit}, "
+                        f"{cfg.batch_size}")
+    check_methods([m for m in cfg.methods if m not in ("base", "umim")])
     tasks = list(cfg.tasks)
     include = [cfg.include_path] if cfg.include_path else []
     if cfg.local_tasks:
@@ -83,7 +89,7 @@ def run_qa(cfg: QAConfig, journal: Journal | None = None) -> dict:
         tasks += [write_cloze_task(folder, spec, n=cfg.local_examples) for spec in cfg.local_tasks]
         include.append(str(folder))
     if not tasks or not cfg.methods:
-        raise ValueError("give at least one task (tasks or local_tasks) and one method")
+        raise UserError("give at least one task (tasks or local_tasks) and one method")
     t0 = time.perf_counter()
     manager = TaskManager(include_path=include or None)
     rows: dict[str, dict] = {}

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from umim.safe_io import write_text_atomic
+from umim.safe_io import check_writable_dir, write_text_atomic
 
 
 def fmt(x, digits: int = 2) -> str:
@@ -40,6 +40,7 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def write_results(result: dict, out_dir: str | Path, name: str, table: str | None = None) -> dict[str, Path]:
     """Write ``OUT/NAME.json`` (and ``OUT/NAME.md`` when a table is given); returns the paths."""
     out = Path(out_dir)
+    check_writable_dir(out)
     paths = {"json": out / f"{name}.json"}
     write_text_atomic(paths["json"], json.dumps(result, indent=2, default=_jsonable) + "\n")
     if table is not None:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
+from umim.errors import UserError
 from umim.generation import MergedLM, SamplingConfig
 
 from .matched_generation import (
@@ -43,7 +44,7 @@ from .matched_generation import (
     load_records,
     match_targets,
 )
-from .methods import LABELS
+from .methods import LABELS, check_methods
 from .results import Journal, fmt, markdown_table, pct, write_results
 
 
@@ -121,7 +122,7 @@ def article_prompt_ids(tokenizer, article: str, template: str, max_article_token
                        add_special_tokens: bool = True) -> list[int]:
     """[P] prompt ids: ``template`` around ``article`` cut to ``max_article_tokens`` tokens."""
     if "{article}" not in template:
-        raise ValueError(f"prompt_template needs an {{article}} field, got {template!r}")
+        raise UserError(f"prompt_template needs an {{article}} field, got {template!r}")
     ids = tokenizer(article, add_special_tokens=False)["input_ids"][:max_article_tokens]
     text = template.format(article=tokenizer.decode(ids).strip())
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -135,11 +136,16 @@ def article_prompt_ids(tokenizer, article: str, template: str, max_article_token
 
 def _check(cfg: SummarizeConfig) -> None:
     if not cfg.methods:
-        raise ValueError("methods is empty")
+        raise UserError("methods is empty")
     if cfg.n_samples < 1 or cfg.max_new_tokens < 1 or cfg.max_article_tokens < 1 or cfg.batch_size < 1:
-        raise ValueError("n_samples, max_new_tokens, max_article_tokens and batch_size must be >= 1")
+        raise UserError("n_samples, max_new_tokens, max_article_tokens and batch_size must be >= 1")
     if cfg.match not in MATCHES:
-        raise ValueError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
+        raise UserError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
+    if cfg.match == "fixed" and (cfg.ratio is None or not 0.0 <= cfg.ratio < 1.0):
+        raise UserError(f'match="fixed" needs ratio in [0, 1), got {cfg.ratio!r}')
+    if "{article}" not in cfg.prompt_template:
+        raise UserError(f"prompt_template needs an {{article}} field, got {cfg.prompt_template!r}")
+    check_methods(cfg.methods, cfg.method_options)
 
 
 def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: MergedLM | None = None,

@@ -25,13 +25,15 @@ from typing import ClassVar
 
 import torch
 
+from umim.errors import UserError
+
 SCHEDULES = ("proportional", "fixed", "prompt")
 
 
 def check_ratio(ratio: float) -> float:
     """The target TR must lie in [0, 1): 1 would leave nothing to condition on."""
     if not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"ratio (target token reduction) must be in [0, 1), got {ratio}")
+        raise UserError(f"ratio (target token reduction) must be in [0, 1), got {ratio}")
     return float(ratio)
 
 
@@ -150,14 +152,14 @@ class KVPolicy(ABC):
             raw = n_seen - n_removed(self.ratio, n_seen)
         elif schedule == "fixed":
             if n_total is None:
-                raise ValueError("the fixed schedule needs n_total")
+                raise UserError("the fixed schedule needs n_total")
             raw = n_total - n_removed(self.ratio, n_total)
         elif schedule == "prompt":
             if n_total is None:
-                raise ValueError("the prompt schedule needs n_total = the prompt length")
+                raise UserError("the prompt schedule needs n_total = the prompt length")
             raw = n_seen - n_removed(self.ratio, min(n_seen, n_total))
         else:
-            raise ValueError(f"unknown budget schedule {schedule!r}; choose from {SCHEDULES}")
+            raise UserError(f"unknown budget schedule {schedule!r}; choose from {SCHEDULES}")
         return min(n_seen, max(raw, self.min_entries))
 
     @property

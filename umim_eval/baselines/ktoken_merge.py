@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from umim.errors import UserError
 from umim.ktoken import KTokenEncoder, blocks_for_ratio, kblock_segments, max_tr
 
 from .base import MergedPrompt, PromptMerger, check_ratio
@@ -51,7 +52,7 @@ class KTokenMerge(PromptMerger):
         check_ratio(self.ratio)
         k = self.encoder.config.k
         if self.ratio > (k - 1) / k:
-            raise ValueError(
+            raise UserError(
                 f"K-token merging with K={k} removes at most (K-1)/K = {(k - 1) / k:.3f} of a prompt "
                 f"(every token in a full block); ratio {self.ratio} is out of reach"
             )
@@ -91,7 +92,7 @@ class KTokenMerge(PromptMerger):
     @torch.no_grad()
     def merge(self, lm, tokenizer, prompt_ids: list[int]) -> MergedPrompt:
         if self.adapted_lm is not None and lm is not self.adapted_lm:
-            raise ValueError("this K-token folder carries a LoRA adapter: merge for the LM it was loaded into")
+            raise UserError("this K-token folder carries a LoRA adapter: merge for the LM it was loaded into")
         ids = list(prompt_ids)
         n = len(ids)
         segments = self.segments(n)

@@ -47,6 +47,7 @@ from typing import ClassVar
 
 import torch
 
+from umim.errors import UserError
 from umim.lm import cache_kwargs, output_cache
 
 from ..token_nll import token_nll
@@ -211,14 +212,14 @@ class LLMLingua1(PromptCompressor):
     def __post_init__(self):
         self.ratio = check_ratio(self.ratio)
         if self.iterative_size < 1:
-            raise ValueError(f"iterative_size must be >= 1, got {self.iterative_size}")
+            raise UserError(f"iterative_size must be >= 1, got {self.iterative_size}")
 
     def keep_indices(self, lm, tokenizer, ids: list[int], rate: float) -> list[int]:
         """[n_kept] indices of ``ids`` (tokens of ``lm``) kept at native keep ``rate``."""
         n = len(ids)
         max_pos = getattr(lm.config, "max_position_embeddings", None)
         if max_pos is not None and n > max_pos:
-            raise ValueError(f"prompt of {n} small-LM tokens exceeds the small LM's context ({max_pos})")
+            raise UserError(f"prompt of {n} small-LM tokens exceeds the small LM's context ({max_pos})")
         if self.demo_sep is None:
             return iterative_compress(lm, ids, rate, self.iterative_size)
         spans = demonstration_spans(tokenizer, ids, self.demo_sep)
@@ -234,7 +235,7 @@ class LLMLingua1(PromptCompressor):
         ids = list(prompt_ids)
         n = len(ids)
         if n == 0:
-            raise ValueError("empty prompt: LLMLingua needs at least one token")
+            raise UserError("empty prompt: LLMLingua needs at least one token")
         if self.ratio == 0.0:
             return CompressedPrompt(ids=ids, kept=list(range(n)), n_original=n)
 
@@ -257,7 +258,7 @@ class LLMLingua1(PromptCompressor):
         h = leading_specials(tokenizer, ids)
         small_ids = small_tok(tokenizer.decode(ids[h:]), add_special_tokens=False)["input_ids"]
         if not small_ids:
-            raise ValueError("the prompt has no text besides special tokens: nothing to compress")
+            raise UserError("the prompt has no text besides special tokens: nothing to compress")
 
         def run_text(rate: float) -> CompressedPrompt:
             kept = self.keep_indices(small, small_tok, small_ids, rate)

@@ -36,6 +36,8 @@ from typing import ClassVar
 
 import torch
 
+from umim.errors import UserError
+
 from .base import CompressedPrompt, PromptCompressor, check_ratio
 from .llmlingua1 import leading_specials
 from .match_tr import match_tr
@@ -52,11 +54,11 @@ def load_classifier(name_or_path: str):
 
     tok = AutoTokenizer.from_pretrained(name_or_path)
     if not getattr(tok, "is_fast", False):
-        raise ValueError(f"{name_or_path}: LLMLingua-2 needs a fast tokenizer (character offsets)")
+        raise UserError(f"{name_or_path}: LLMLingua-2 needs a fast tokenizer (character offsets)")
     model = AutoModelForTokenClassification.from_pretrained(name_or_path).eval()
     model.requires_grad_(False)
     if model.config.num_labels != 2:
-        raise ValueError(f"{name_or_path}: expected 2 labels (drop, keep), got {model.config.num_labels}")
+        raise UserError(f"{name_or_path}: expected 2 labels (drop, keep), got {model.config.num_labels}")
     return model, tok
 
 
@@ -191,13 +193,13 @@ class LLMLingua2(PromptCompressor):
         ids = list(prompt_ids)
         n = len(ids)
         if n == 0:
-            raise ValueError("empty prompt: LLMLingua-2 needs at least one token")
+            raise UserError("empty prompt: LLMLingua-2 needs at least one token")
         if self.ratio == 0.0:
             return CompressedPrompt(ids=ids, kept=list(range(n)), n_original=n)
         h = leading_specials(tokenizer, ids)
         text = tokenizer.decode(ids[h:])
         if not text.strip():
-            raise ValueError("the prompt has no text besides special tokens: nothing to compress")
+            raise UserError("the prompt has no text besides special tokens: nothing to compress")
         clf, clf_tok = load_classifier(self.model)
         words = word_keep_probs(clf, clf_tok, text, self.force_tokens)
 

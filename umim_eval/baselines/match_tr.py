@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from umim.errors import UserError
+
 
 def match_tr(make: Callable[[float], object], target_tr: float, measure: Callable[[object], float],
              lo: float = 0.0, hi: float = 1.0, tol: float = 0.005, max_iter: int = 30) -> tuple[float, object, float]:
@@ -26,7 +28,7 @@ def match_tr(make: Callable[[float], object], target_tr: float, measure: Callabl
     tr_lo, tr_hi = measure(m_lo := make(lo)), measure(m_hi := make(hi))
     best = min([(abs(tr_lo - target_tr), lo, m_lo, tr_lo), (abs(tr_hi - target_tr), hi, m_hi, tr_hi)], key=lambda r: r[0])
     if not min(tr_lo, tr_hi) - tol <= target_tr <= max(tr_lo, tr_hi) + tol:
-        raise ValueError(f"target TR {target_tr} is outside [{tr_lo:.4f}, {tr_hi:.4f}] reached on the knob bracket [{lo}, {hi}]")
+        raise UserError(f"target TR {target_tr} is outside [{tr_lo:.4f}, {tr_hi:.4f}] reached on the knob bracket [{lo}, {hi}]")
     increasing = tr_hi >= tr_lo
     for _ in range(max_iter):
         if best[0] <= tol:

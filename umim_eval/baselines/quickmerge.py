@@ -51,6 +51,8 @@ from typing import ClassVar
 
 import torch
 
+from umim.errors import UserError
+
 from .base import MergedPrompt, PromptMerger, check_ratio, n_removed
 
 ALPHA = 0.45
@@ -73,7 +75,7 @@ def attention_entropy(attentions) -> torch.Tensor:
     visible keys. Token 0 (one visible key) is 0.
     """
     if not attentions:
-        raise ValueError("no attention weights: the LM must run with attn_implementation='eager'")
+        raise UserError("no attention weights: the LM must run with attn_implementation='eager'")
     A = torch.stack([a[0].float() for a in attentions])  # [L, H, N, N]
     H = -torch.special.xlogy(A, A).sum(-1).mean(dim=(0, 1))  # [N]; xlogy: masked zeros add 0, not NaN
     n_keys = torch.arange(1, H.shape[0] + 1, dtype=H.dtype, device=H.device)
@@ -93,10 +95,10 @@ def entropy_budget(entropy: torch.Tensor, alpha: float = ALPHA) -> int:
     ``K`` in ``[min(N, 2), N]``: at least token 0 and one group for the rest, so the TR is < 1.
     """
     if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        raise UserError(f"alpha must be in (0, 1], got {alpha}")
     N = int(entropy.shape[0])
     if N == 0:
-        raise ValueError("empty entropy vector")
+        raise UserError("empty entropy vector")
     return max(min(N, 2), 1 + int((entropy[1:] < alpha).sum()))
 
 
@@ -115,7 +117,7 @@ def contiguous_groups(x: torch.Tensor, n_groups: int, keep_first: bool = True) -
     """
     N = x.shape[0]
     if not 1 <= n_groups <= N:
-        raise ValueError(f"n_groups must be in [1, {N}], got {n_groups}")
+        raise UserError(f"n_groups must be in [1, {N}], got {n_groups}")
     link = torch.nn.functional.cosine_similarity(x[:-1].float(), x[1:].float(), dim=-1)  # [N-1] link i joins i, i+1
     cut = torch.zeros(N - 1, dtype=torch.bool, device=x.device)
     n_cuts = n_groups - 1
@@ -148,21 +150,21 @@ class QuickMerge(PromptMerger):
         if self.ratio is not None:
             self.ratio = check_ratio(self.ratio)
         if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+            raise UserError(f"alpha must be in (0, 1], got {self.alpha}")
         if not 0.0 < self.epsilon < 1.0:
-            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+            raise UserError(f"epsilon must be in (0, 1), got {self.epsilon}")
 
     @torch.no_grad()
     def entropy(self, lm, ids: torch.Tensor) -> torch.Tensor:
         """[N] normalized attention entropy of prompt ``ids`` [N] (one forward, eager attention)."""
         impl = getattr(lm.config, "_attn_implementation", None)
         if impl != "eager":
-            raise ValueError(f"{self.name} needs attention weights, which {impl!r} attention does not return: "
+            raise UserError(f"{self.name} needs attention weights, which {impl!r} attention does not return: "
                              "load the LM with attn_implementation='eager' or call lm.set_attn_implementation('eager')")
         out = lm(input_ids=ids[None], output_attentions=True)
         n_layers = lm.config.get_text_config().num_hidden_layers
         if out.attentions is None or len(out.attentions) != n_layers or any(a is None for a in out.attentions):
-            raise ValueError(f"{self.name} got no attention weights from every layer: use eager attention")
+            raise UserError(f"{self.name} got no attention weights from every layer: use eager attention")
         return attention_entropy(out.attentions)
 
     @torch.no_grad()
@@ -170,7 +172,7 @@ class QuickMerge(PromptMerger):
         ids_list = list(prompt_ids)
         N = len(ids_list)
         if N == 0:
-            raise ValueError("empty prompt: give at least one token")
+            raise UserError("empty prompt: give at least one token")
         ids = torch.tensor(ids_list, device=lm.device)
         x = lm.get_input_embeddings()(ids)  # [N, d]
         identity = MergedPrompt(embeds=x, segments=[(i, 1) for i in range(N)], n_original=N)

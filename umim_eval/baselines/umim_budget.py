@@ -33,6 +33,7 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
+from umim.errors import UserError
 from umim.generation import MergedLM
 
 from .base import MergedPrompt, PromptMerger, check_ratio, n_removed
@@ -75,12 +76,12 @@ def load_alignment_scores(source: dict | str | Path) -> dict[tuple[int, ...], fl
             rows = json.loads(Path(source).read_text())
             items = [(r["ngram"], r["score"]) for r in rows]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{source}: expected a JSON list of {{'ngram': [ids], 'score': x}} objects ({e})") from e
+            raise UserError(f"{source}: expected a JSON list of {{'ngram': [ids], 'score': x}} objects ({e})") from e
     out = {}
     for g, s in items:
         g = tuple(int(t) for t in g)
         if len(g) < 2:
-            raise ValueError(f"alignment score given for {g}: rules have at least 2 tokens")
+            raise UserError(f"alignment score given for {g}: rules have at least 2 tokens")
         out[g] = float(s)
     return out
 
@@ -110,12 +111,12 @@ class UMIMBudget(PromptMerger):
     def __post_init__(self):
         check_ratio(self.ratio)
         if self.score not in SCORES:
-            raise ValueError(f"unknown score {self.score!r}; choose from {SCORES}")
+            raise UserError(f"unknown score {self.score!r}; choose from {SCORES}")
         if self.merged_lm.rules is None or self.merged_lm.merger is None:
-            raise ValueError("UMIM budget merging needs a MergedLM with a merger and rules")
+            raise UserError("UMIM budget merging needs a MergedLM with a merger and rules")
         if self.score == "alignment":
             if self.alignment is None:
-                raise ValueError("score='alignment' needs per-rule scores: pass alignment=dict or a JSON file")
+                raise UserError("score='alignment' needs per-rule scores: pass alignment=dict or a JSON file")
             self._align = load_alignment_scores(self.alignment)
 
     # -- scoring -----------------------------------------------------------------------------------
@@ -189,10 +190,10 @@ class UMIMBudget(PromptMerger):
         """
         ratio = check_ratio(self.ratio if ratio is None else ratio)
         if lm is not self.merged_lm.lm:
-            raise ValueError("lm must be the LM held by merged_lm (the surrogates live in its embedding space)")
+            raise UserError("lm must be the LM held by merged_lm (the surrogates live in its embedding space)")
         ids = [int(t) for t in prompt_ids]
         if not ids:
-            raise ValueError("empty prompt: give at least one token")
+            raise UserError("empty prompt: give at least one token")
         n, target = len(ids), n_removed(ratio, len(ids))
         spans, max_removable = self.select(ids, target)
         segments, i = [], 0
@@ -238,14 +239,14 @@ def budget_curve(lm, tokenizer, merged_lm: MergedLM, texts: list[str], ratios: l
     from .umim_merge import UMIMMerge
 
     if context_tokens < 1 or target_tokens < 1:
-        raise ValueError(f"need context_tokens >= 1 and target_tokens >= 1, got {context_tokens}, {target_tokens}")
+        raise UserError(f"need context_tokens >= 1 and target_tokens >= 1, got {context_tokens}, {target_tokens}")
     pairs = []
     for t in texts:
         ids = list(tokenizer(t, add_special_tokens=False)["input_ids"])
         if len(ids) >= context_tokens + target_tokens:
             pairs.append((ids[:context_tokens], ids[context_tokens : context_tokens + target_tokens]))
     if not pairs:
-        raise ValueError(f"no text has {context_tokens} + {target_tokens} tokens: give longer texts or shorter lengths")
+        raise UserError(f"no text has {context_tokens} + {target_tokens} tokens: give longer texts or shorter lengths")
     points = [("none", None, None), ("umim", None, UMIMMerge(merged_lm))]
     points += [("umim_budget", r, UMIMBudget(merged_lm, r, score, alignment)) for r in ratios]
     rows = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from umim.errors import UserError
 from umim.generation import MergedLM
 
 from .base import MergedPrompt, PromptMerger
@@ -28,7 +29,7 @@ class UMIMMerge(PromptMerger):
 
     def merge(self, lm, tokenizer, prompt_ids: list[int]) -> MergedPrompt:
         if self.merged_lm.rules is None or self.merged_lm.merger is None:
-            raise ValueError("UMIM merging needs a merger and rules")
+            raise UserError("UMIM merging needs a merger and rules")
         ids = list(prompt_ids)
         segments = self.merged_lm.rules.segment(ids)
         return MergedPrompt(embeds=self.merged_lm.segment_embeds(ids, segments), segments=segments, n_original=len(ids))
