@@ -181,3 +181,27 @@ data:
     rules = MergeRules.load(out / "rules")
     assert len(rules) > 0 and merger.config.hidden_size == 32
     assert (out / "metrics.md").read_text().startswith("| eval set |")
+
+    # a second fit whose report fails leaves the first export whole (no new merger beside old metrics)
+    import hashlib
+
+    import umim.export
+
+    def tree():
+        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file() and p.parts[len(out.parts)] in
+                ("merger", "rules", "metrics.json", "metrics.md")}
+
+    before = tree()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("report failed")
+
+    original, umim.export.evaluate_alignment = umim.export.evaluate_alignment, broken
+    try:
+        with pytest.raises(RuntimeError, match="report failed"):
+            main(["fit", "--config", str(cfg), "--model.lr", "5e-2"])
+    finally:
+        umim.export.evaluate_alignment = original
+    assert tree() == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left

@@ -220,3 +220,19 @@ def test_decoding_uses_no_deprecated_transformers_argument(setup):
         warnings.simplefilter("always")
         MergedLM(lm, tok, merger, rules).generate(PROMPTS[0], "dynamic", SamplingConfig(max_new_tokens=8))
     assert not [str(w.message) for w in caught if "deprecated" in str(w.message)]
+
+
+def test_long_stop_strings_are_found_and_cli_stops_read_escapes(setup):
+    """A stop string longer than 16 tokens still stops decoding (the check window covers it), and
+    `umim generate --stop '\\n\\n'` means two newlines, not a backslash and an n."""
+    from umim.cli import _unescape
+
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok)
+    free = m.generate(PROMPTS[0], "none", SamplingConfig(max_new_tokens=60))[0]
+    ids = free.generated_ids
+    stop = tok.decode(ids[30:55])  # 25 tokens, well past the old 16-token window
+    assert len(tok(stop, add_special_tokens=False)["input_ids"]) > 16 and stop in free.text
+    r = m.generate(PROMPTS[0], "none", SamplingConfig(max_new_tokens=60, stop_strings=[stop]))[0]
+    assert r.stop_reason == "stop_string" and stop not in r.text and len(r.generated_ids) < 60
+    assert _unescape(r"\n\n") == "\n\n" and _unescape(r"a\tb\\n") == "a\tb\\n"

@@ -393,3 +393,20 @@ def test_ids_outside_tokenizer_vocab_raise():
 def test_negative_ids_raise():
     with pytest.raises(MiningError, match="non-negative"):
         count_ngrams(np.array([1, -1, 2]), np.array([0, 3]), progress=False)
+
+
+def test_umim_mine_max_tokens_limits_frequency_mining(tmp_path, tiny_tokenizer):
+    """`umim mine --max-tokens N` mines only the whole documents within the first N tokens."""
+    import json
+
+    from umim.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join("the quick brown fox jumps over the lazy dog" for _ in range(60)))
+    tok = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok)
+    for limit, out in ((0, "all"), (40, "head")):
+        assert main(["mine", "--tokenizer", str(tok), "--data", str(corpus), "--min-count", "2",
+                     "--max-tokens", str(limit), "--out", str(tmp_path / out)]) == 0
+    scanned = {o: json.loads((tmp_path / o / "rules.json").read_text())["tokens_scanned"] for o in ("all", "head")}
+    assert scanned["head"] <= 40 < scanned["all"]

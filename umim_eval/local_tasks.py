@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 from umim.corpus import load_documents
@@ -57,7 +58,10 @@ def write_cloze_task(out_dir: str | Path, spec: str, split: str = "test", n: int
     out.mkdir(parents=True, exist_ok=True)
     name = "cloze_" + re.sub(r"[^a-z0-9]+", "_", Path(spec).stem.lower()).strip("_")
     data = out / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in cloze_examples(spec, split, n, seed=seed)))
+    rows = cloze_examples(spec, split, n, seed=seed)
+    if len(rows) < n:  # said, not silent: the table's accuracy is over fewer questions than asked
+        print(f"warning: {spec}:{split} yields {len(rows)} cloze questions, {n} were asked", file=sys.stderr)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / f"{name}.yaml").write_text(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
