@@ -2,9 +2,10 @@
 
 Writes into ``out_dir`` (default the trainer's ``default_root_dir``): ``merger/``
 (``save_pretrained``), ``rules/`` (the rules it was trained with), ``metrics.json`` and
-``metrics.md``. The report compares, on each evaluation set, the trained merger with an untrained one (same initialisation seed), under the training rules and under
-each extra rule variant (e.g. without the inter-set filter), so both the gain from training and the
-effect of the rule filters on TR are visible.
+``metrics.md``. The report compares, on each evaluation set, the trained merger with an untrained
+one (same initialisation seed), under the training rules and under each extra rule variant (e.g.
+without the inter-set filter), so both the gain from training and the effect of the rule filters
+on TR are visible.
 
 It runs when training ends (``on_train_end``: the module is still on the accelerator and every rank
 is still there). Every rank evaluates its share of the blocks (a sharded LM needs all of them) and
@@ -83,7 +84,7 @@ class ExportAndReport(L.Callback):
         """
         Parameters
         ----------
-        out_dir : where merger/, rules/, metrics.json and metrics.md are written (default: trainer.default_root_dir).
+        out_dir : where merger/, rules/, metrics.json and metrics.md go (default: trainer.default_root_dir).
         eval_sets : held-out texts (default: the training corpus's test split).
         rule_variants : extra rule sets to report (e.g. filters [intra], i.e. without inter).
         max_eval_blocks : blocks per evaluation set (first ones, deterministic).

@@ -39,7 +39,8 @@ class FrozenLMModule(L.LightningModule):
         """Log the loss and the stage's running TR (``merged``: the step's :class:`MergedBatch`)."""
         self.tr[f"{stage}_tr"].update(merged.num_original, merged.num_compressed)
         if stage == "train":
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size,
+                     sync_dist=True)
         else:  # the mean over every aligned position of every rank: checkpointing and early stopping judge all of it
             self.eval_loss[f"{stage}_loss"].update(loss, merged.loss_mask.sum())
             self.log(f"{stage}/loss", self.eval_loss[f"{stage}_loss"], prog_bar=True, on_step=False, on_epoch=True)

@@ -210,7 +210,8 @@ def task_loss(lm, encoder: KTokenEncoder, batch: dict[str, torch.Tensor]) -> tup
     """
     merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(),
                                 encoder, batch["lengths"])
-    h = lm.base_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, use_cache=False).last_hidden_state
+    h = lm.base_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask,
+                      use_cache=False).last_hidden_state
     mask, targets = task_targets(batch, merged)
     if not mask.any():
         return h.sum() * 0.0, merged  # keeps the graph when there is nothing to predict
@@ -416,4 +417,5 @@ class KTokenLoRA(KTokenModule):
         return "lora_" in key  # the adapters are trained; the base LM is not
 
     def export_extra(self, folder: Path, weights: dict[str, torch.Tensor]) -> None:
-        save_adapter(self.lm, folder / ADAPTER_DIR, {k[len("lm.") :]: v for k, v in weights.items() if k.startswith("lm.")})
+        lm_state = {k[len("lm.") :]: v for k, v in weights.items() if k.startswith("lm.")}
+        save_adapter(self.lm, folder / ADAPTER_DIR, lm_state)

@@ -103,7 +103,7 @@ def _looks_local(name: str) -> bool:
 
 
 def resolve(spec: LMSpec) -> tuple[str, dict]:
-    """Folder/id and extra ``from_pretrained`` kwargs for ``spec``; a missing local folder is a :class:`ModelLoadError`."""
+    """Folder/id and extra ``from_pretrained`` kwargs for ``spec`` (a missing local folder: :class:`ModelLoadError`)."""
     if spec.dtype not in DTYPES:
         raise ModelLoadError(f"dtype {spec.dtype!r}: choose one of {', '.join(DTYPES)}")
     if spec.name_or_path == EMBEDDED:
@@ -139,7 +139,8 @@ def load_lm(spec: LMSpec):
     from transformers import AutoModelForCausalLM
 
     path, kwargs = resolve(spec)
-    model = _load("LM", spec, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype), **kwargs))
+    dtype = getattr(torch, spec.dtype)
+    model = _load("LM", spec, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs))
     model.eval()
     model.requires_grad_(False)
     return model

@@ -124,7 +124,8 @@ def load_trainable_state_dict(module: nn.Module, state: dict[str, torch.Tensor])
         for k, full in state.items():
             target = own[k]
             if isinstance(target, DTensor):
-                target.copy_(distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements))
+                full = full.to(target.device, target.dtype)
+                target.copy_(distribute_tensor(full, target.device_mesh, target.placements))
             else:
                 target.copy_(full.to(target.device, target.dtype))
 
@@ -180,7 +181,8 @@ class DecoderLayerFSDP(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
-        return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

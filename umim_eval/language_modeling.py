@@ -87,7 +87,8 @@ def run_ppl(cfg: PPLConfig, progress: bool = True, merged_lm: MergedLM | None = 
         ids = _stream(spec, cfg.split, m.tokenizer, cfg.max_tokens)
         for row, (merger, rules) in {"base": (None, None), "umim": (m.merger, m.rules)}.items():
             def score():
-                r = perplexity(m.lm, merger, rules, ids, window=cfg.window, batch_size=cfg.batch_size, progress=progress)
+                r = perplexity(m.lm, merger, rules, ids, window=cfg.window, batch_size=cfg.batch_size,
+                               progress=progress)
                 return {"ppl": r["ppl"], "nll": r["nll"], "tr": r["tr"], "tokens_scored": r["tokens_scored"]}
 
             rows[row][name] = get(f"{row}|{name}", score)
