@@ -43,16 +43,20 @@ def staging_dir(dst: str | os.PathLike) -> Path:
 def check_replaceable(dst: str | os.PathLike, is_ours: Callable[[Path], bool], what: str) -> None:
     """Raise :class:`OutputError` unless ``dst`` is absent, an empty folder, or a ``what`` folder we wrote."""
     dst = Path(dst)
-    try:  # another writer may swap dst while we look: a folder that vanishes is no objection
-        if not stat.S_ISDIR(dst.stat().st_mode):
-            raise OutputError(f"{dst} is a file, not a {what} folder: choose another output path")
-        if any(dst.iterdir()) and not is_ours(dst) and dst.exists():
-            raise OutputError(f"{dst} holds files that are not a {what} folder; refusing to replace it: "
-                              "choose another output path or move those files")
-    except FileNotFoundError:
+    for _ in range(5):  # another writer may be swapping dst while we look: a folder mid-swap is looked at again
+        try:
+            if not stat.S_ISDIR(dst.stat().st_mode):
+                raise OutputError(f"{dst} is a file, not a {what} folder: choose another output path")
+            if not any(dst.iterdir()) or is_ours(dst):
+                return
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError as e:
+            raise OutputError(f"{dst} lies under a file, not a folder: choose another output path") from e
+    if not dst.exists():
         return
-    except NotADirectoryError as e:
-        raise OutputError(f"{dst} lies under a file, not a folder: choose another output path") from e
+    raise OutputError(f"{dst} holds files that are not a {what} folder; refusing to replace it: "
+                      "choose another output path or move those files")
 
 
 def replace_dir(tmp: Path, dst: str | os.PathLike, is_ours: Callable[[Path], bool], what: str) -> Path:
