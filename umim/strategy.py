@@ -47,7 +47,7 @@ def decoder_layer_names(lm: nn.Module, names: list[str] | None) -> set[str]:
     present = {type(m).__name__ for m in lm.modules()}
     if not found & present:
         raise UserError(f"no decoder layer of classes {sorted(found)} in {type(lm).__name__}; "
-                         "name them with wrap_layers (e.g. LlamaDecoderLayer, Qwen2DecoderLayer, GPT2Block)")
+                        "name them with wrap_layers (e.g. LlamaDecoderLayer, Qwen2DecoderLayer, GPT2Block)")
     return found
 
 

@@ -91,7 +91,7 @@ def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int,
     blocks = pack_blocks(ids, offsets, need, tokenizer.eos_token_id)
     if len(blocks) < n:
         raise UserError(f"{data}:{split} holds {len(ids):,} tokens = {len(blocks)} windows of {need}; "
-                         f"{n} requested: lower n_samples, context_tokens or target_tokens")
+                        f"{n} requested: lower n_samples, context_tokens or target_tokens")
     return [(b[:context_tokens].tolist(), b[context_tokens:].tolist()) for b in blocks[:n]]
 
 

@@ -226,7 +226,7 @@ class BertScorer:
 
             if model_type not in model2layers:
                 raise UserError(f"no default layer for BERTScore model {model_type!r}: give num_layers "
-                                 "(about two thirds of the model's depth is a common choice)")
+                                "(about two thirds of the model's depth is a common choice)")
             num_layers = model2layers[model_type]
         self.tokenizer, self.model, self.max_len = _load_encoder(model_type, device)
         n_total = getattr(self.model.config, "num_hidden_layers", None)
@@ -370,7 +370,7 @@ def mauve_from_features(p_features: np.ndarray, q_features: np.ndarray, num_buck
     k = mauve_buckets(len(p), len(q), num_buckets)
     if min(len(p), len(q)) < k:
         raise UserError(f"MAUVE with {k} buckets needs at least {k} samples per side, got {len(p)} and {len(q)} "
-                         "(lower num_buckets or score more samples; MAUVE is only stable with hundreds)")
+                        "(lower num_buckets or score more samples; MAUVE is only stable with hundreds)")
     out = mauve_lib.compute_mauve(p_features=p, q_features=q, num_buckets=k, seed=seed,
                                   kmeans_num_redo=kmeans_num_redo, kmeans_max_iter=kmeans_max_iter)
     if np.array_equal(out.p_hist, out.q_hist):

@@ -313,7 +313,7 @@ def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:
         longest = max(map(len, prompts))
         if context and longest + cfg.max_new_tokens > context:
             raise UserError(f"{ds_name}: a {longest}-token prompt + max_new_tokens={cfg.max_new_tokens} exceeds the "
-                             f"model's context of {context}; lower max_new_tokens")
+                            f"model's context of {context}; lower max_new_tokens")
         refs = [r[ds.answer_field] for r in records]
         targets = match_targets(cfg.match, cfg.ratio, m, prompts)
         results[ds_name], rows = {}, [{"answer": a, "target_tr": t, "prompt_tokens": len(p)}

@@ -160,7 +160,7 @@ class QuickMerge(PromptMerger):
         impl = getattr(lm.config, "_attn_implementation", None)
         if impl != "eager":
             raise UserError(f"{self.name} needs attention weights, which {impl!r} attention does not return: "
-                             "load the LM with attn_implementation='eager' or call lm.set_attn_implementation('eager')")
+                            "load the LM with attn_implementation='eager' or call lm.set_attn_implementation('eager')")
         out = lm(input_ids=ids[None], output_attentions=True)
         n_layers = lm.config.get_text_config().num_hidden_layers
         if out.attentions is None or len(out.attentions) != n_layers or any(a is None for a in out.attentions):
