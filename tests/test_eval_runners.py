@@ -287,3 +287,29 @@ def test_notebook_executes_headless(name, tiny, compare_result, qa_result, gener
     figures = sorted(p.name for p in (results / "figures").glob("*.png"))
     assert figures == (["tr_vs_ppl.png"] if name == "tr_vs_quality" else ["math.png", "qa.png", "summarize.png"])
     assert np.all([p.stat().st_size > 1000 for p in (results / "figures").glob("*.png")])
+
+
+def test_journal_starts_afresh_when_the_merger_or_rules_change(tmp_path):
+    """The journal's settings include a hash of the merger and rules files, so pieces computed with a
+    merger that was retrained since (same run_dir, same settings) are not reused."""
+    import numpy as np
+    import torch
+
+    from umim.merger import MergeModule, MergerConfig
+    from umim.rules import MergeRules
+    from umim_eval.cli import _inputs_stamp
+    from umim_eval.compare import CompareConfig
+
+    run = tmp_path / "run"
+    merger = MergeModule(MergerConfig(hidden_size=8, num_heads=2))
+    merger.save_pretrained(run / "merger")
+    MergeRules(ngrams={2: np.array([[1, 2]])}, counts={2: np.array([5])}, tokenizer=None).save(run / "rules")
+    cfg = CompareConfig(run_dir=str(run))
+    first = _inputs_stamp(cfg)
+    assert _inputs_stamp(cfg) == first
+    with torch.no_grad():
+        merger.query.add_(0.5)
+    merger.save_pretrained(run / "merger")
+    retrained = _inputs_stamp(cfg)
+    MergeRules(ngrams={2: np.array([[1, 3]])}, counts={2: np.array([5])}, tokenizer=None).save(run / "rules")
+    assert len({first, retrained, _inputs_stamp(cfg)}) == 3

@@ -18,7 +18,6 @@ did not change.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -35,9 +34,9 @@ from .fingerprint import tokenizer_fingerprint
 from .lm import cache_dir
 from .merger import MergeModule, is_merger_dir
 from .mining import mine_rules
-from .report import evaluate_alignment, markdown_table
+from .report import evaluate_alignment, write_report
 from .rules import MergeRules, is_rules_dir
-from .safe_io import check_replaceable, check_writable_dir, replace_dir, staging_dir, write_text_atomic
+from .safe_io import check_replaceable, check_writable_dir, replace_dir, staging_dir
 from .strategy import trainable_state_dict
 
 
@@ -193,9 +192,7 @@ class ExportAndReport(L.Callback):
             same_rules = (out / "rules").resolve() == Path(rules_path).resolve()
             if not same_rules:
                 shutil.copytree(rules_path, stage / "rules")
-            table = markdown_table(results)
-            write_text_atomic(stage / "metrics.json", json.dumps({**extra, "results": results}, indent=2))
-            write_text_atomic(stage / "metrics.md", table + "\n")
+            table = write_report(results, stage, extra)
             self._check_outputs()  # all destinations, before the first swap
             replace_dir(stage / "merger", out / "merger", is_merger_dir, "merger")
             if not same_rules:

@@ -165,6 +165,7 @@ class MergedLM:
             merger = merger.to(device=lm.device, dtype=torch.float32).eval()
         self.merger, self.rules = merger, rules
         self._rule_sets: dict[int, set] | None = None
+        self._rule_ns = sorted(rules.ngrams, reverse=True) if rules is not None else []  # longest first
         self._surrogates: dict[tuple, torch.Tensor] = {}
         self.context = int(getattr(lm.config, "max_position_embeddings", 0) or 0)
 
@@ -231,7 +232,7 @@ class MergedLM:
 
     def _merge_length(self, tail: list[int], tok: int) -> int:
         """n of the longest rule n-gram formed by the last n-1 single-token steps and ``tok`` (0: none)."""
-        for n in sorted(self.rules.ngrams, reverse=True):  # the rules' own n range, longest first
+        for n in self._rule_ns:  # the rules' own n range, longest first
             if len(tail) >= n - 1 and tuple(tail[len(tail) - n + 1 :] + [tok]) in self._rule_set(n):
                 return n
         return 0

@@ -103,7 +103,7 @@ def _looks_local(name: str) -> bool:
 
 
 def resolve(spec: LMSpec) -> tuple[str, dict]:
-    """Folder/id and extra ``from_pretrained`` kwargs for ``spec`` (a missing local folder: :class:`ModelLoadError`)."""
+    """Folder/id and extra ``from_pretrained`` kwargs for ``spec``; a missing local folder is refused."""
     if spec.dtype not in DTYPES:
         raise ModelLoadError(f"dtype {spec.dtype!r}: choose one of {', '.join(DTYPES)}")
     if spec.name_or_path == EMBEDDED:

@@ -76,7 +76,8 @@ def _check_config_files(argv: list[str]) -> None:
         if path is None:
             continue
         try:
-            yaml.safe_load(open(path, encoding="utf-8"))
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
         except OSError as e:
             raise UserError(f"--config {path}: {e.strerror or e}") from e
         except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -25,7 +25,7 @@ from umim.lm import LMSpec
 
 from .baselines.policy_generate import eager_attention, policy_generate
 from .compressed_inputs import generate_from, prompt_inputs
-from .methods import is_kv_policy, make_method
+from .methods import check_methods, is_kv_policy, make_method
 
 MATCHES = ("per_example", "mean", "fixed")
 """How targets are set: UMIM's TR per prompt, UMIM's mean TR, or a fixed ``ratio``."""
@@ -94,13 +94,26 @@ def load_merged_lm(lm: str, dtype: str = "float32", device: str | None = None, r
     return MergedLM.load(LMSpec(lm, dtype=dtype), merger=merger, rules=rules, run_dir=run_dir, device=device)
 
 
-def match_targets(match: str, ratio: float | None, m: MergedLM, prompts: list[list[int]]) -> list[float]:
-    """Per prompt, the TR every method is driven to (see the module docstring)."""
+def check_match(match: str, ratio: float | None) -> None:
     if match not in MATCHES:
         raise UserError(f"unknown match {match!r}; choose from {MATCHES}")
+    if match == "fixed" and (ratio is None or not 0.0 <= float(ratio) < 1.0):
+        raise UserError(f'match="fixed" needs ratio in [0, 1), got {ratio!r}')
+
+
+def check_matched_run(cfg, field: str) -> None:
+    """What every matched-TR generation runner (summarize, math) checks before loading a model: its
+    ``match``/``ratio``, that ``prompt_template`` holds ``{field}``, and its methods."""
+    check_match(cfg.match, cfg.ratio)
+    if "{" + field + "}" not in cfg.prompt_template:
+        raise UserError(f"prompt_template needs a {{{field}}} field, got {cfg.prompt_template!r}")
+    check_methods(cfg.methods, cfg.method_options)
+
+
+def match_targets(match: str, ratio: float | None, m: MergedLM, prompts: list[list[int]]) -> list[float]:
+    """Per prompt, the TR every method is driven to (see the module docstring)."""
+    check_match(match, ratio)
     if match == "fixed":
-        if ratio is None or not 0.0 <= float(ratio) < 1.0:
-            raise UserError(f'match="fixed" needs ratio in [0, 1), got {ratio!r}')
         return [float(ratio)] * len(prompts)
     if m.merger is None or m.rules is None:
         raise UserError(f'match="{match}" needs UMIM\'s merger and rules (run_dir), or use match="fixed" with ratio')

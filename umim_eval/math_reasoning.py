@@ -32,14 +32,14 @@ from umim.errors import UserError
 from umim.generation import SamplingConfig
 
 from .matched_generation import (
-    MATCHES,
+    check_matched_run,
     generate_matched,
     load_merged_lm,
     load_records,
     match_targets,
     model_context,
 )
-from .methods import LABELS, check_methods
+from .methods import LABELS
 from .results import markdown_table, pct, write_results
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -272,13 +272,7 @@ def _check(cfg: MathConfig) -> None:
         raise UserError(f"need 1 <= k <= n, got k={cfg.k}, n={cfg.n}")
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise UserError("max_new_tokens and batch_size must be >= 1")
-    if cfg.match not in MATCHES:
-        raise UserError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
-    if cfg.match == "fixed" and (cfg.ratio is None or not 0.0 <= cfg.ratio < 1.0):
-        raise UserError(f'match="fixed" needs ratio in [0, 1), got {cfg.ratio!r}')
-    if "{problem}" not in cfg.prompt_template:
-        raise UserError(f"prompt_template needs a {{problem}} field, got {cfg.prompt_template!r}")
-    check_methods(cfg.methods, cfg.method_options)
+    check_matched_run(cfg, "problem")
 
 
 def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:

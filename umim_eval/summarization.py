@@ -38,13 +38,13 @@ from umim.errors import UserError
 from umim.generation import MergedLM, SamplingConfig
 
 from .matched_generation import (
-    MATCHES,
+    check_matched_run,
     generate_matched,
     load_merged_lm,
     load_records,
     match_targets,
 )
-from .methods import LABELS, check_methods
+from .methods import LABELS
 from .results import Journal, fmt, markdown_table, pct, write_results
 
 
@@ -139,13 +139,7 @@ def _check(cfg: SummarizeConfig) -> None:
         raise UserError("methods is empty")
     if cfg.n_samples < 1 or cfg.max_new_tokens < 1 or cfg.max_article_tokens < 1 or cfg.batch_size < 1:
         raise UserError("n_samples, max_new_tokens, max_article_tokens and batch_size must be >= 1")
-    if cfg.match not in MATCHES:
-        raise UserError(f"unknown match {cfg.match!r}; choose from {MATCHES}")
-    if cfg.match == "fixed" and (cfg.ratio is None or not 0.0 <= cfg.ratio < 1.0):
-        raise UserError(f'match="fixed" needs ratio in [0, 1), got {cfg.ratio!r}')
-    if "{article}" not in cfg.prompt_template:
-        raise UserError(f"prompt_template needs an {{article}} field, got {cfg.prompt_template!r}")
-    check_methods(cfg.methods, cfg.method_options)
+    check_matched_run(cfg, "article")
 
 
 def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: MergedLM | None = None,
