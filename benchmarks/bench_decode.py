@@ -30,9 +30,9 @@ import time
 import torch
 
 from umim import kv_cache
-from umim.corpus import load_documents
-from umim.generation import MergedLM, SamplingConfig
+from umim.inference.generation import MergedLM, SamplingConfig
 from umim.lm import LMSpec
+from umim.rules.corpus import load_documents
 
 
 def _prompts(tok, n_tokens: int, batch: int) -> list[list[int]]:

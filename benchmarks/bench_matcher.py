@@ -1,8 +1,8 @@
-"""Benchmark the span matcher (``umim.matcher.SpanMatcher``) against the paper's Pseudocode 3 loop.
+"""Benchmark the span matcher (``umim.merging.matcher.SpanMatcher``) against the paper's Pseudocode 3 loop.
 
 Rule set
 --------
-Mined with ``umim.mining.mine_rules(..., min_count=2, filters=())`` (no filters) from the tiled
+Mined with ``umim.rules.mining.mine_rules(..., min_count=2, filters=())`` (no filters) from the tiled
 benchmark corpus (``--mine-tokens``, default 5M tokens; see ``benchmarks/_corpus.py``: pydoc topics +
 FreeBSD fortunes, SmolLM2 tokenizer, base corpus repeated with random document order). Because the
 base corpus is repeated >= 2 times, this is every distinct 2-, 3- and 4-gram of the ~0.57M-token
@@ -63,8 +63,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import _corpus  # noqa: E402
-from umim.matcher import SpanMatcher  # noqa: E402
-from umim.mining import mine_rules  # noqa: E402
+
+from umim.merging.matcher import SpanMatcher  # noqa: E402
+from umim.rules.mining import mine_rules  # noqa: E402
 
 
 def pseudocode3(z, R) -> list:

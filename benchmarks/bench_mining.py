@@ -1,4 +1,4 @@
-"""Benchmark exact n-gram counting: ``umim.mining.count_ngrams`` (vectorized) vs. a plain ``collections.Counter``.
+"""Benchmark exact n-gram counting: ``umim.rules.mining.count_ngrams`` (vectorized) vs. a plain ``collections.Counter``.
 
 Sample
 ------
@@ -82,7 +82,7 @@ def counter_count(ids: np.ndarray, offsets: np.ndarray, ns=NS, min_count: int = 
 
 
 def vectorized_count(ids: np.ndarray, offsets: np.ndarray, ns=NS, min_count: int = 5):
-    from umim.mining import count_ngrams
+    from umim.rules.mining import count_ngrams
 
     return count_ngrams(ids, offsets, ns, min_count=min_count, progress=False)
 

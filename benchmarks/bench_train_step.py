@@ -21,15 +21,15 @@ import time
 
 import torch
 
-from umim.batch import aligned_hidden, build_merged_batch
-from umim.corpus import load_documents, tokenize_documents
-from umim.datamodule import SegmentCollator, pack_blocks
-from umim.distill_loss import distillation_loss
-from umim.distillation import teacher_hidden
 from umim.fingerprint import tokenizer_fingerprint
 from umim.lm import LMSpec, load_lm, load_tokenizer
-from umim.merger import MergeModule, MergerConfig
-from umim.mining import mine_rules
+from umim.merging.batch import aligned_hidden, build_merged_batch
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.corpus import load_documents, tokenize_documents
+from umim.rules.mining import mine_rules
+from umim.training.datamodule import SegmentCollator, pack_blocks
+from umim.training.distill_loss import distillation_loss
+from umim.training.distillation import teacher_hidden
 
 
 def main() -> None:

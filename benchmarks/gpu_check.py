@@ -3,7 +3,7 @@
 Builds a random-weight model with Llama-3.2-1B's configuration (d 2048, 16 layers, GQA 32/8 heads,
 vocab 128,256, tied embeddings, RoPE llama3 scaling) and a tokenizer trained in-process on Python's
 documentation, then runs `umim fit --config conf/llama3.2-1b.yaml` for a few bf16-mixed steps,
-once with DDP on 1 device and once with the sharded strategy (`umim.strategy.DecoderLayerFSDP`,
+once with DDP on 1 device and once with the sharded strategy (`umim.training.strategy.DecoderLayerFSDP`,
 FSDP2 with layer checkpointing) on 1 device, and prints tokens/s (teacher + student forwards and
 the student backward, after warm-up) and peak GPU memory for each, plus the checkpoint size.
 
@@ -94,7 +94,7 @@ def main() -> int:
     print(f"model and corpus built in {time.perf_counter() - t0:.0f} s", flush=True)
     figures = []
     strategies = {"ddp": ["--trainer.strategy", "ddp"],
-                  "sharded": ["--trainer.strategy.class_path", "umim.strategy.DecoderLayerFSDP"]}
+                  "sharded": ["--trainer.strategy.class_path", "umim.training.strategy.DecoderLayerFSDP"]}
     for name, strategy in strategies.items():
         run = work / name
         cmd = [sys.executable, "-m", "umim.cli", "fit", "--config", str(ROOT / "conf" / "llama3.2-1b.yaml"),

@@ -60,8 +60,8 @@ def env(tmp_path_factory) -> dict[str, str]:
 
     from umim.cli import main as umim_main
     from umim.fingerprint import tokenizer_fingerprint
-    from umim.merger import MergeModule, MergerConfig
-    from umim.rules import MergeRules
+    from umim.merging.merger import MergeModule, MergerConfig
+    from umim.rules.store import MergeRules
 
     root = tmp_path_factory.mktemp("badinput")
     assets = build_all(root / "assets")
@@ -102,7 +102,7 @@ def api(env):
     from transformers import AutoTokenizer
 
     from umim.fingerprint import tokenizer_fingerprint
-    from umim.generation import MergedLM
+    from umim.inference.generation import MergedLM
     from umim.lm import LMSpec
 
     tok = AutoTokenizer.from_pretrained(env["model"])
@@ -159,7 +159,7 @@ class ModelWorkStarted(Exception):
 def _no_model_work(monkeypatch):
     import transformers
 
-    import umim.generation
+    import umim.inference.generation
     import umim.lm
 
     def refuse(*a, **k):
@@ -167,7 +167,7 @@ def _no_model_work(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(umim.lm, "load_lm", refuse)
-    monkeypatch.setattr(umim.generation, "load_lm", refuse, raising=False)
+    monkeypatch.setattr(umim.inference.generation, "load_lm", refuse, raising=False)
 
 
 def _sha(path: Path) -> str:
@@ -377,7 +377,7 @@ def _truncate(path: Path):
 
 
 def _nan_merger(d: Path):
-    from umim.merger import MergeModule
+    from umim.merging.merger import MergeModule
 
     m = MergeModule.from_pretrained(d)
     with torch.no_grad():
@@ -775,7 +775,7 @@ def test_umim_eval(case, env, tmp_path, capfd, monkeypatch):
 # ================================================================================================
 def umimlm(**kw):
     def call(ctx: Ctx):
-        from umim_eval.lm_eval_model import UMIMLM
+        from umim_eval.harness.lm_eval_model import UMIMLM
 
         args = {"pretrained": ctx.env["model"], "device": "cpu", "batch_size": 1}
         args.update({k: ctx.fmt(v) if isinstance(v, str) else v for k, v in kw.items()})
@@ -819,7 +819,7 @@ def gen(prompts, mode="none", sampling=None, which="merged"):
 
 def sampling(**kw):
     def call(ctx: Ctx):
-        from umim.generation import SamplingConfig
+        from umim.inference.generation import SamplingConfig
 
         return SamplingConfig(**kw)
 
@@ -828,7 +828,7 @@ def sampling(**kw):
 
 def documents(spec: str, split: str = "train"):
     def call(ctx: Ctx):
-        from umim.corpus import load_documents
+        from umim.rules.corpus import load_documents
 
         return load_documents(ctx.fmt(spec), split)
 
@@ -837,7 +837,7 @@ def documents(spec: str, split: str = "train"):
 
 def load_rules(path: str = "<tmp>/run/rules"):
     def call(ctx: Ctx):
-        from umim.rules import MergeRules
+        from umim.rules.store import MergeRules
 
         return MergeRules.load(ctx.fmt(path), tokenizer=ctx.api["tok"])
 
@@ -846,7 +846,7 @@ def load_rules(path: str = "<tmp>/run/rules"):
 
 def load_merger(path: str = "<tmp>/run/merger"):
     def call(ctx: Ctx):
-        from umim.merger import MergeModule
+        from umim.merging.merger import MergeModule
 
         return MergeModule.from_pretrained(ctx.fmt(path), hidden_size=32, tokenizer_fp=ctx.api["fp"])
 
@@ -855,7 +855,7 @@ def load_merger(path: str = "<tmp>/run/merger"):
 
 def _merger_module(hidden_size, num_heads):
     def call(ctx: Ctx):
-        from umim.merger import MergeModule, MergerConfig
+        from umim.merging.merger import MergeModule, MergerConfig
 
         return MergeModule(MergerConfig(hidden_size=hidden_size, num_heads=num_heads))
 
@@ -863,8 +863,8 @@ def _merger_module(hidden_size, num_heads):
 
 
 def _mergedlm_with_d64(ctx: Ctx):
-    from umim.generation import MergedLM
-    from umim.merger import MergeModule
+    from umim.inference.generation import MergedLM
+    from umim.merging.merger import MergeModule
 
     m = ctx.api["merged"]
     return MergedLM(m.lm, m.tokenizer, MergeModule.from_pretrained(ctx.env["merger_d64"]), m.rules)
@@ -872,7 +872,7 @@ def _mergedlm_with_d64(ctx: Ctx):
 
 def _mergedlm_load(lm: str, run_dir: str | None = None):
     def call(ctx: Ctx):
-        from umim.generation import MergedLM
+        from umim.inference.generation import MergedLM
 
         return MergedLM.load(ctx.fmt(lm), run_dir=ctx.fmt(run_dir) if run_dir else None, device="cpu")
 
@@ -887,7 +887,7 @@ def _load_lm_dtype(ctx: Ctx):
 
 def _save_rules(dst: str):
     def call(ctx: Ctx):
-        from umim.rules import MergeRules
+        from umim.rules.store import MergeRules
 
         MergeRules.load(ctx.env["rules"]).save(ctx.fmt(dst))
 
@@ -896,7 +896,7 @@ def _save_rules(dst: str):
 
 def _save_merger(dst: str):
     def call(ctx: Ctx):
-        from umim.merger import MergeModule
+        from umim.merging.merger import MergeModule
 
         MergeModule.from_pretrained(ctx.env["merger"]).save_pretrained(ctx.fmt(dst))
 
@@ -910,7 +910,7 @@ def _write_results(ctx: Ctx):
 
 
 def _make_method(ctx: Ctx):
-    from umim_eval.methods import make_method
+    from umim_eval.methods.registry import make_method
 
     return make_method("nope", 0.1)
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from umim.batch import (
+from umim.merging.batch import (
     AlignmentError,
     aligned_hidden,
     build_merged_batch,
     check_segments,
 )
-from umim.matcher import SpanMatcher
-from umim.merger import MergeModule, MergerConfig
+from umim.merging.matcher import SpanMatcher
+from umim.merging.merger import MergeModule, MergerConfig
 
 D, VOCAB = 8, 20
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from umim.cli import UMIMCLI, names_model_class
-from umim.datamodule import UMIMDataModule
-from umim.distillation import UMIMDistillation
+from umim.training.datamodule import UMIMDataModule
+from umim.training.distillation import UMIMDistillation
 
 # UMIM's configs; those that pick another LightningModule by class_path (conf/ktoken.yaml) are parsed
 # by the tests of that module
@@ -41,7 +41,7 @@ def test_paper_settings():
         assert cfg.data.block_size == (1024 if name == "deepscaler-1.5b" else 512)
         strategy = cfg.trainer.strategy
         if name in ("llama3.1-8b", "deepscaler-1.5b"):
-            assert strategy.class_path == "umim.strategy.DecoderLayerFSDP"
+            assert strategy.class_path == "umim.training.strategy.DecoderLayerFSDP"
         else:
             assert strategy == "ddp"
 

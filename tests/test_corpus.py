@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from umim.corpus import (
+from umim.fingerprint import tokenizer_fingerprint
+from umim.rules.corpus import (
     CorpusError,
     load_documents,
     tokenize_documents,
     tokenized_corpus,
 )
-from umim.datamodule import pack_blocks
-from umim.fingerprint import tokenizer_fingerprint
+from umim.training.datamodule import pack_blocks
 
 
 def test_local_splits_are_disjoint_and_complete(tmp_path):

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from umim.batch import build_merged_batch
-from umim.corpus import load_documents
 from umim.cli import main
-from umim.datamodule import SegmentCollator, UMIMDataModule
-from umim.distillation import UMIMDistillation
 from umim.fingerprint import tokenizer_fingerprint
 from umim.lm import LMSpec, load_lm, load_tokenizer
-from umim.merger import MergeModule, MergerConfig
-from umim.rules import MergeRules
+from umim.merging.batch import build_merged_batch
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.corpus import load_documents
+from umim.rules.store import MergeRules
+from umim.training.datamodule import SegmentCollator, UMIMDataModule
+from umim.training.distillation import UMIMDistillation
 
 
 def _pydoc_paragraphs(n: int) -> list[str]:
@@ -152,7 +152,7 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {out}/checkpoints, monitor: val/loss, mode: min, save_top_k: 1}}
-    - class_path: umim.export.ExportAndReport
+    - class_path: umim.training.export.ExportAndReport
       init_args:
         out_dir: {out}
         max_eval_blocks: 4
@@ -185,7 +185,7 @@ data:
     # a second fit whose report fails leaves the first export whole (no new merger beside old metrics)
     import hashlib
 
-    import umim.export
+    import umim.training.export
 
     def tree():
         return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -197,11 +197,11 @@ data:
     def broken(*args, **kwargs):
         raise RuntimeError("report failed")
 
-    original, umim.export.evaluate_alignment = umim.export.evaluate_alignment, broken
+    original, umim.training.export.evaluate_alignment = umim.training.export.evaluate_alignment, broken
     try:
         with pytest.raises(RuntimeError, match="report failed"):
             main(["fit", "--config", str(cfg), "--model.lr", "5e-2"])
     finally:
-        umim.export.evaluate_alignment = original
+        umim.training.export.evaluate_alignment = original
     assert tree() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left

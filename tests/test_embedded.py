@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from umim.batch import build_merged_batch
-from umim.corpus import load_documents, tokenize_documents
-from umim.datamodule import SegmentCollator, pack_blocks
-from umim.distillation import distill_forward
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
 from umim.lm import LMSpec, load_lm, load_tokenizer
-from umim.merger import MergeModule, MergerConfig
-from umim.mining import mine_rules
-from umim.rules import MergeRules
+from umim.merging.batch import build_merged_batch
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.corpus import load_documents, tokenize_documents
+from umim.rules.mining import mine_rules
+from umim.rules.store import MergeRules
+from umim.training.datamodule import SegmentCollator, pack_blocks
+from umim.training.distillation import distill_forward
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_short_training_on_embedded_model_lowers_loss(smollm, pydoc_rules):
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
 def test_generate_none_equals_hf_on_embedded_model(smollm, sample):
-    from umim.generation import MergedLM, SamplingConfig
+    from umim.inference.generation import MergedLM, SamplingConfig
 
     lm, tok = smollm
     prompt = "The for statement in Python is used to"
@@ -99,7 +99,7 @@ def test_generate_none_equals_hf_on_embedded_model(smollm, sample):
 
 
 def test_dynamic_rollback_equals_recompute_on_embedded_model(smollm, pydoc_rules):
-    from umim.generation import MergedLM, SamplingConfig
+    from umim.inference.generation import MergedLM, SamplingConfig
 
     lm, tok = smollm
     merger = MergeModule(MergerConfig(hidden_size=576, tokenizer=tokenizer_fingerprint(tok)))

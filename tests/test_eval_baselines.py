@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny_lm
 
-from umim_eval.baselines import (
+from umim_eval.methods import (
     BASELINES,
     H2O,
     KVPolicy,
@@ -21,7 +21,7 @@ from umim_eval.baselines import (
     self_information,
     visible_mask,
 )
-from umim_eval.baselines.base import n_removed
+from umim_eval.methods.base import n_removed
 
 RATIOS = (0.1, 0.3, 0.5)
 L = 64

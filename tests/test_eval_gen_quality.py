@@ -12,12 +12,16 @@ import pytest
 import torch
 from conftest import TEXT_A, make_tiny_lm
 
-from umim.corpus import CorpusError
 from umim.fingerprint import tokenizer_fingerprint
-from umim.merger import MergeModule, MergerConfig
-from umim.rules import MergeRules
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.corpus import CorpusError
+from umim.rules.store import MergeRules
 from umim_eval import generation_metrics as gm
-from umim_eval.gen_quality import GenQualityConfig, gen_quality_tables, run_gen_quality
+from umim_eval.tasks.gen_quality import (
+    GenQualityConfig,
+    gen_quality_tables,
+    run_gen_quality,
+)
 
 # -- repetition / diversity ---------------------------------------------------------------------------
 
@@ -210,7 +214,7 @@ def test_run_gen_quality_without_matches_equals_base(tmp_path, tok, llama_dir, c
 
 
 def test_run_gen_quality_with_merges_reduces_tokens(tmp_path, tok, llama_dir, corpus):
-    from umim.corpus import load_documents
+    from umim.rules.corpus import load_documents
 
     seqs = tok(load_documents(corpus, "test"), add_special_tokens=False)["input_ids"]
     grams = {n: {tuple(s[i : i + n]) for s in seqs for i in range(0, len(s) - n + 1)} for n in (2, 3)}

@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import make_tiny_lm
 
-from umim_eval.baselines.llmlingua1 import (
+from umim_eval.methods.llmlingua1 import (
     LLMLingua1,
     demonstration_spans,
     iterative_compress,
     segment_budgets,
 )
-from umim_eval.baselines.llmlingua2 import LLMLingua2, load_classifier, word_keep_probs
-from umim_eval.baselines.select_context import self_information
+from umim_eval.methods.llmlingua2 import LLMLingua2, load_classifier, word_keep_probs
+from umim_eval.methods.select_context import self_information
 
 RATIOS = (0.1, 0.3, 0.5)
 

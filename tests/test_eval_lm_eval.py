@@ -1,4 +1,4 @@
-"""lm-evaluation-harness model ``umim`` (umim_eval.lm_eval_model) on a real tiny Llama saved to disk
+"""lm-evaluation-harness model ``umim`` (umim_eval.harness.lm_eval_model) on a real tiny Llama saved to disk
 with its tokenizer, a saved merger and saved rules: merge=none equals lm-eval's ``hf`` model, the
 merged paths are exact where nothing merges and report TR > 0 where spans merge, local tasks run
 end to end through the lm-eval CLI with ``--model umim`` (offline), generate_until returns only the
@@ -26,8 +26,8 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from umim.fingerprint import tokenizer_fingerprint  # noqa: E402
-from umim.merger import MergeModule, MergerConfig  # noqa: E402
-from umim.rules import MergeRules  # noqa: E402
+from umim.merging.merger import MergeModule, MergerConfig  # noqa: E402
+from umim.rules.store import MergeRules  # noqa: E402
 
 DOCS = [
     "the quick brown fox jumps over the lazy dog",
@@ -95,7 +95,7 @@ def assets(tmp_path_factory, tiny_tokenizer_factory):
 
 
 def _umim(assets, **kw):
-    from umim_eval.lm_eval_model import UMIMLM
+    from umim_eval.harness.lm_eval_model import UMIMLM
 
     return UMIMLM(pretrained=assets["lm"], device="cpu", batch_size=2, **kw)
 
@@ -230,7 +230,7 @@ def test_generate_until_new_text_and_stops(assets, hf_lm):
     full = gen(plain, ctx, until=[], max_gen_toks=12)
     assert full == gen(hf_lm, ctx, until=[], max_gen_toks=12)  # the project's loop = HF greedy
     ids = plain.tok_encode(ctx)
-    res = plain.umim.generate([ids], "none", __import__("umim.generation", fromlist=["x"]).SamplingConfig(max_new_tokens=12))[0]
+    res = plain.umim.generate([ids], "none", __import__("umim.inference.generation", fromlist=["x"]).SamplingConfig(max_new_tokens=12))[0]
     assert full == res.text.split("[PAD]")[0] and full.strip() and not full.startswith(ctx)
     # a stop string from the middle of the generation: the text ends right before it
     toks = res.generated_ids
@@ -254,7 +254,7 @@ def test_registration_hook_is_lazy(tmp_path):
     without importing torch or the model module."""
     import shutil
 
-    from umim_eval.lm_eval_hook import pth_path
+    from umim_eval.harness.lm_eval_hook import pth_path
 
     shutil.copy(pth_path(), tmp_path / "umim-lm-eval.pth")
     root = str(Path(__file__).resolve().parents[1])
@@ -264,7 +264,7 @@ def test_registration_hook_is_lazy(tmp_path):
         "import lm_eval.api.registry as r; "
         "assert 'umim' in r.model_registry and 'hf' in r.model_registry, list(r.model_registry); "
         "assert r.model_registry.origin('umim') is None or 'umim_eval' in str(r.model_registry.origin('umim')); "
-        "assert 'torch' not in sys.modules and 'umim_eval.lm_eval_model' not in sys.modules; print('ok')"
+        "assert 'torch' not in sys.modules and 'umim_eval.harness.lm_eval_model' not in sys.modules; print('ok')"
     )
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("UMIM_NO_LM_EVAL_HOOK", None)

@@ -14,10 +14,10 @@ import torch
 from conftest import make_tiny_lm
 
 from umim.fingerprint import tokenizer_fingerprint
-from umim.generation import MergedLM
-from umim.merger import MergeModule, MergerConfig
-from umim.rules import MergeRules
-from umim_eval.math_reasoning import (
+from umim.inference.generation import MergedLM
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.store import MergeRules
+from umim_eval.tasks.math_reasoning import (
     MathConfig,
     MathDataset,
     answers_match,

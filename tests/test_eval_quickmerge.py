@@ -9,15 +9,15 @@ import pytest
 import torch
 from conftest import TEXT_A, TEXT_B, make_tiny_lm
 
-from umim_eval.baselines.base import MergedPrompt, n_removed
-from umim_eval.baselines.quickmerge import (
+from umim_eval.methods.base import MergedPrompt, n_removed
+from umim_eval.methods.quickmerge import (
     ALPHA,
     QuickMerge,
     attention_entropy,
     contiguous_groups,
     entropy_budget,
 )
-from umim_eval.compressed_inputs import continuation_nll_from, prompt_inputs
+from umim_eval.scoring.prompt_inputs import continuation_nll_from, prompt_inputs
 
 RATIOS = (0.1, 0.25, 0.5)
 
@@ -157,8 +157,8 @@ def test_non_eager_attention_is_refused(tok, prompts):
 def test_entropy_budget_merges_repetitive_text_more_on_smollm2():
     """On the real LM, repeating one sentence spreads attention over the earlier copies (higher
     normalized entropy), so the entropy budget removes more than on a documentation paragraph."""
-    from umim.corpus import load_documents
     from umim.lm import LMSpec, load_lm, load_tokenizer
+    from umim.rules.corpus import load_documents
 
     spec = LMSpec("embedded")
     lm, tok = load_lm(spec), load_tokenizer(spec)

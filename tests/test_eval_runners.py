@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import make_tiny_lm
 
-from umim.corpus import load_documents, tokenize_documents
 from umim.fingerprint import tokenizer_fingerprint
-from umim.generation import MergedLM
-from umim.merger import MergeModule, MergerConfig
-from umim.mining import mine_rules
+from umim.inference.generation import MergedLM
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.corpus import load_documents, tokenize_documents
+from umim.rules.mining import mine_rules
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,8 +83,8 @@ def test_unknown_config_key_is_refused(tmp_path):
 
 
 def test_methods_registry_matches_baselines():
-    from umim_eval.baselines import BASELINES
-    from umim_eval.methods import METHODS, method_class
+    from umim_eval.methods import BASELINES
+    from umim_eval.methods.registry import METHODS, method_class
 
     for name, cls in BASELINES.items():
         assert method_class(name) is cls
@@ -95,8 +95,8 @@ def test_methods_registry_matches_baselines():
 
 # -- ppl ---------------------------------------------------------------------------------------------
 def test_ppl_base_row_is_plain_perplexity(tiny):
-    from umim_eval.language_modeling import PPLConfig, ppl_table, run_ppl
-    from umim_eval.perplexity import perplexity
+    from umim_eval.scoring.perplexity import perplexity
+    from umim_eval.tasks.ppl import PPLConfig, ppl_table, run_ppl
 
     m = tiny["m"]
     cfg = PPLConfig(datasets={"pydoc": "pydoc"}, max_tokens=2000, window=128, batch_size=4)
@@ -115,7 +115,7 @@ def test_ppl_base_row_is_plain_perplexity(tiny):
 # -- compare -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compare_result(tiny):
-    from umim_eval.compare import CompareConfig, run_compare
+    from umim_eval.tasks.compare import CompareConfig, run_compare
 
     cfg = CompareConfig(data="pydoc", n_samples=4, context_tokens=48, target_tokens=16,
                         methods=["umim", "select_context", "streaming_llm"], targets=["umim", 0.0, 0.25])
@@ -138,8 +138,8 @@ def test_compare_matches_tr_and_is_exact_at_zero(compare_result):
 
 
 def test_compare_table_and_files(compare_result, tmp_path):
-    from umim_eval.compare import compare_table
     from umim_eval.results import write_results
+    from umim_eval.tasks.compare import compare_table
 
     table = compare_table(compare_result)
     assert table.startswith("4 examples, 64 target tokens scored\n\n")
@@ -150,7 +150,7 @@ def test_compare_table_and_files(compare_result, tmp_path):
 
 
 def test_compare_refuses_a_short_split(tiny):
-    from umim_eval.compare import load_examples
+    from umim_eval.tasks.compare import load_examples
 
     with pytest.raises(ValueError, match="windows"):
         load_examples("pydoc", "test", tiny["m"].tokenizer, 10**6, 48, 16)
@@ -169,7 +169,7 @@ def test_results_write_is_atomic(tmp_path):
 def test_interrupted_compare_keeps_its_pieces_and_resumes(tiny, compare_result, tmp_path, monkeypatch):
     """A run that fails half-way keeps every scored example in its journal; the rerun scores only the
     rest and gives the uninterrupted result."""
-    import umim_eval.compare as compare
+    import umim_eval.tasks.compare as compare
     from umim_eval.results import Journal
 
     cfg = compare.CompareConfig(data="pydoc", n_samples=4, context_tokens=48, target_tokens=16,
@@ -198,7 +198,7 @@ def test_interrupted_compare_keeps_its_pieces_and_resumes(tiny, compare_result, 
 # -- qa through lm-eval --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qa_result(tiny):
-    from umim_eval.qa import QAConfig, run_qa
+    from umim_eval.tasks.qa import QAConfig, run_qa
 
     cfg = QAConfig(lm=tiny["lm"], run_dir=tiny["run"], tasks=[], local_tasks=["pydoc"], local_examples=6,
                    methods=["base", "umim", "select_context"], batch_size=4, device="cpu",
@@ -207,7 +207,7 @@ def qa_result(tiny):
 
 
 def test_qa_runs_umim_and_matched_compressor(qa_result):
-    from umim_eval.qa import qa_table
+    from umim_eval.tasks.qa import qa_table
 
     rows, task = qa_result["rows"], qa_result["tasks"][0]
     assert task == "cloze_pydoc"
@@ -224,7 +224,7 @@ def test_qa_runs_umim_and_matched_compressor(qa_result):
 def test_compressor_at_ratio_zero_equals_plain(tiny):
     from lm_eval.api.instance import Instance
 
-    from umim_eval.lm_eval_model import UMIMLM
+    from umim_eval.harness.lm_eval_model import UMIMLM
 
     reqs = [("The for statement is used to iterate over the", " elements"), ("Assignment statements", " bind names")]
     inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(reqs)]
@@ -243,8 +243,8 @@ def test_compressor_at_ratio_zero_equals_plain(tiny):
 @pytest.fixture(scope="module")
 def generation_results(tiny, tmp_path_factory):
     """Summarization and math results of the tiny model on the built-in offline sets."""
-    from umim_eval.math_reasoning import MathConfig, MathDataset, run_math
-    from umim_eval.summarization import SummarizeConfig, run_summarize
+    from umim_eval.tasks.math_reasoning import MathConfig, MathDataset, run_math
+    from umim_eval.tasks.summarize import SummarizeConfig, run_summarize
 
     out = tmp_path_factory.mktemp("gen")
     summ = run_summarize(SummarizeConfig(data="local:pydoc_lead", n_samples=2, max_article_tokens=40, max_new_tokens=6,
@@ -295,10 +295,10 @@ def test_journal_starts_afresh_when_the_merger_or_rules_change(tmp_path):
     import numpy as np
     import torch
 
-    from umim.merger import MergeModule, MergerConfig
-    from umim.rules import MergeRules
+    from umim.merging.merger import MergeModule, MergerConfig
+    from umim.rules.store import MergeRules
     from umim_eval.cli import _inputs_stamp
-    from umim_eval.compare import CompareConfig
+    from umim_eval.tasks.compare import CompareConfig
 
     run = tmp_path / "run"
     merger = MergeModule(MergerConfig(hidden_size=8, num_heads=2))

@@ -12,13 +12,13 @@ import torch
 from conftest import make_tiny_lm
 
 from umim.fingerprint import tokenizer_fingerprint
-from umim.generation import MergedLM, SamplingConfig
-from umim.merger import MergeModule, MergerConfig
-from umim.rules import MergeRules
-from umim_eval.baselines import H2O, StreamingLLM
-from umim_eval.baselines.base import n_removed
-from umim_eval.baselines.policy_generate import eager_attention, policy_generate
-from umim_eval.summarization import (
+from umim.inference.generation import MergedLM, SamplingConfig
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.store import MergeRules
+from umim_eval.methods import H2O, StreamingLLM
+from umim_eval.methods.base import n_removed
+from umim_eval.scoring.policy_generate import eager_attention, policy_generate
+from umim_eval.tasks.summarize import (
     SummarizeConfig,
     article_prompt_ids,
     run_summarize,

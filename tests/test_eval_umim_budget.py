@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import make_tiny_lm
 
-from umim.corpus import tokenize_documents
 from umim.fingerprint import tokenizer_fingerprint
-from umim.generation import MergedLM
-from umim.merger import MergeModule, MergerConfig
-from umim.mining import mine_rules
-from umim.rules import MergeRules
-from umim_eval.baselines.umim_budget import (
+from umim.inference.generation import MergedLM
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.corpus import tokenize_documents
+from umim.rules.mining import mine_rules
+from umim.rules.store import MergeRules
+from umim_eval.methods.umim_budget import (
     UMIMBudget,
     budget_curve,
     load_alignment_scores,

@@ -11,9 +11,9 @@ from conftest import make_tiny_lm
 
 from umim import kv_cache
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
-from umim.generation import MergedLM, SamplingConfig
-from umim.merger import MergeModule, MergerConfig
-from umim.rules import MergeRules
+from umim.inference.generation import MergedLM, SamplingConfig
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.store import MergeRules
 
 PROMPTS = [
     "The for statement is used to iterate over the elements of a sequence",

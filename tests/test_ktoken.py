@@ -14,17 +14,16 @@ import pytest
 import torch
 from conftest import make_tiny_lm
 
-from umim.batch import build_merged_batch, check_segments
 from umim.cli import UMIMCLI, build_cli, main
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
-from umim.ktoken import (
+from umim.ktoken.encoder import (
     KTokenConfig,
     KTokenEncoder,
     blocks_for_ratio,
     kblock_segments,
     max_tr,
 )
-from umim.ktoken_training import (
+from umim.ktoken.training import (
     KTokenDataModule,
     KTokenDistillation,
     KTokenLoRA,
@@ -34,8 +33,9 @@ from umim.ktoken_training import (
     task_loss,
 )
 from umim.lm import LMSpec, load_lm, load_tokenizer
-from umim_eval.baselines.ktoken_merge import KTokenMerge
-from umim_eval.compressed_inputs import continuation_nll_from, prompt_inputs
+from umim.merging.batch import build_merged_batch, check_segments
+from umim_eval.methods.ktoken_merge import KTokenMerge
+from umim_eval.scoring.prompt_inputs import continuation_nll_from, prompt_inputs
 
 KS = (2, 3, 4)
 CONF = Path(__file__).parents[1] / "conf" / "ktoken.yaml"
@@ -307,14 +307,14 @@ class ParseOnlyCLI(UMIMCLI):
 
 def test_conf_ktoken_parses_with_the_real_cli():
     cfg = build_cli(["--config", str(CONF)], cli_class=ParseOnlyCLI, run=False).config
-    assert cfg.model.class_path == "umim.ktoken_training.KTokenDistillation"
-    assert cfg.data.class_path == "umim.ktoken_training.KTokenDataModule"
+    assert cfg.model.class_path == "umim.ktoken.training.KTokenDistillation"
+    assert cfg.data.class_path == "umim.ktoken.training.KTokenDataModule"
     assert cfg.model.init_args.ktoken.k == 4 and cfg.model.init_args.lm.name_or_path == "embedded"
     data_lm = cfg.data.init_args.lm
     assert data_lm.get("init_args", data_lm).name_or_path == "embedded"  # linked from the model: one LM
     assert cfg.data.init_args.corpus == "pydoc" and 20 <= cfg.trainer.max_steps <= 100
     # the LoRA recipe is the same config with another class
-    lora = build_cli(["--config", str(CONF), "--model.class_path", "umim.ktoken_training.KTokenLoRA",
+    lora = build_cli(["--config", str(CONF), "--model.class_path", "umim.ktoken.training.KTokenLoRA",
                       "--model.init_args.lora.r", "4"], cli_class=ParseOnlyCLI, run=False).config
     assert lora.model.class_path.endswith("KTokenLoRA") and lora.model.init_args.lora.r == 4
     # UMIM's own configs keep their flat layout
@@ -330,10 +330,10 @@ seed_everything: 0
 trainer: {{accelerator: cpu, max_steps: 3, logger: false, enable_progress_bar: false, default_root_dir: {out},
            limit_val_batches: 1, enable_checkpointing: false, enable_model_summary: false}}
 model:
-  class_path: umim.ktoken_training.KTokenLoRA
+  class_path: umim.ktoken.training.KTokenLoRA
   init_args: {{lm: {{name_or_path: {tiny_setup / 'lm'}}}, ktoken: {{k: 3}}, lora: {{r: 2}}, export_dir: {out}/ktoken}}
 data:
-  class_path: umim.ktoken_training.KTokenDataModule
+  class_path: umim.ktoken.training.KTokenDataModule
   init_args: {{corpus: {tiny_setup / 'corpus'}, block_size: 64, batch_size: 2, max_train_blocks: 6, max_eval_blocks: 2}}
 """)
     main(["fit", "--config", str(cfg)])

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from umim.matcher import SpanMatcher
+from umim.merging.matcher import SpanMatcher
 
 V = 6
 SETTINGS = settings(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
-from umim.merger import CONFIG_NAME, WEIGHTS_NAME, MergeModule, MergerConfig
+from umim.merging.merger import CONFIG_NAME, WEIGHTS_NAME, MergeModule, MergerConfig
 
 D, H = 16, 4
 

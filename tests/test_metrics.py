@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umim.alignment_metrics import (
+from umim.training.alignment_metrics import (
     MeanReciprocalRank,
     TokenReduction,
     Top1Agreement,
@@ -18,7 +18,7 @@ from umim.alignment_metrics import (
     alignment_metrics,
     nucleus_mask,
 )
-from umim.distill_loss import distillation_loss
+from umim.training.distill_loss import distillation_loss
 
 
 def logits_from_probs(rows) -> torch.Tensor:

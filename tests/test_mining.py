@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from umim.mining import (
+from umim.rules.mining import (
     MiningError,
     count_ngrams,
     filter_inter,

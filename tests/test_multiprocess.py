@@ -178,9 +178,9 @@ def test_any_frozen_lm_module_trains_sharded(runs):
     for strategy in ("ddp", "sharded"):
         name = f"ktoken-lora-{strategy}"
         chosen = ("--trainer.strategy", "ddp") if strategy == "ddp" else \
-            ("--trainer.strategy.class_path", "umim.strategy.DecoderLayerFSDP")
+            ("--trainer.strategy.class_path", "umim.training.strategy.DecoderLayerFSDP")
         proc = runs.run(name, "ktoken", 2, None, (
-            "--model.class_path", "umim.ktoken_training.KTokenLoRA", *chosen,
+            "--model.class_path", "umim.ktoken.training.KTokenLoRA", *chosen,
             "--model.init_args.lm.name_or_path", str(runs.assets["llama-tied"]),
             "--model.init_args.export_dir", str(runs.root / name / "ktoken"),
             "--data.init_args.corpus", str(runs.assets["corpus"]), "--data.init_args.block_size", "64"))

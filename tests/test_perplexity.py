@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import make_tiny_lm
 
-from umim.merger import MergeModule, MergerConfig
-from umim.rules import MergeRules
-from umim_eval.perplexity import perplexity, reference_nll, two_stage_nll
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.store import MergeRules
+from umim_eval.scoring.perplexity import perplexity, reference_nll, two_stage_nll
 
 V = 48
 FP = {"name": "synthetic", "vocab_size": V, "vocab_sha256": "0" * 64}

@@ -13,11 +13,11 @@ import torch
 from conftest import make_tiny_lm
 
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
-from umim.generation import MergedLM
-from umim.merger import MergeModule, MergerConfig
-from umim.mining import MiningError
-from umim.prob_rules import mine_model_prob_rules
-from umim.rules import MergeRules
+from umim.inference.generation import MergedLM
+from umim.merging.merger import MergeModule, MergerConfig
+from umim.rules.mining import MiningError
+from umim.rules.prob_rules import mine_model_prob_rules
+from umim.rules.store import MergeRules
 
 CHAIN = [10, 11, 12, 13, 14, 15]  # each token makes the next one near certain
 PAIR = [20, 21]

@@ -9,8 +9,8 @@ import pytest
 from conftest import TEXT_A, make_tiny_tokenizer
 
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
-from umim.mining import mine_rules
-from umim.rules import FORMAT, VERSION, MergeRules, RulesFileError
+from umim.rules.mining import mine_rules
+from umim.rules.store import FORMAT, VERSION, MergeRules, RulesFileError
 
 
 def fp(vocab_size: int = 50) -> dict:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from umim.cli import main
-from umim.merger import MergeModule, MergerConfig, is_merger_dir
-from umim.rules import MergeRules, is_rules_dir
+from umim.merging.merger import MergeModule, MergerConfig, is_merger_dir
+from umim.rules.store import MergeRules, is_rules_dir
 from umim.safe_io import OutputError, write_text_atomic
 
 
@@ -118,7 +118,7 @@ def test_concurrent_saves_to_one_folder_never_fail_or_mix(tmp_path):
 
 
 def test_a_foreign_rules_json_or_ktoken_folder_is_not_taken_for_ours(tmp_path):
-    from umim.ktoken import KTokenConfig, KTokenEncoder
+    from umim.ktoken.encoder import KTokenConfig, KTokenEncoder
 
     d = tmp_path / "project"
     d.mkdir()

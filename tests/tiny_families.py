@@ -41,7 +41,14 @@ def build_tokenizer(texts: list[str], vocab_size: int = 400):
 def build_model(family: str, vocab: int, context: int = 256):
     """A seeded tiny causal LM of ``family`` (peaked outputs, so merging visibly changes them)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

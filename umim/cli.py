@@ -9,8 +9,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from .datamodule import UMIMDataModule
-from .distillation import UMIMDistillation
+from umim.training.datamodule import UMIMDataModule
+from umim.training.distillation import UMIMDistillation
 
 
 class UMIMCLI(LightningCLI):
@@ -51,7 +51,7 @@ def build_cli(args: list[str] | None, cli_class: type[UMIMCLI] = UMIMCLI, **kwar
 
     Configs without a model ``class_path`` train UMIM (:class:`UMIMDistillation` +
     :class:`UMIMDataModule`, their settings given directly). A config that names its model and data
-    by ``class_path`` (another compressor, e.g. ``umim.ktoken_training.KTokenDistillation``) is parsed
+    by ``class_path`` (another compressor, e.g. ``umim.ktoken.training.KTokenDistillation``) is parsed
     in subclass mode.
     """
     argv = sys.argv[1:] if args is None else list(args)
@@ -63,18 +63,18 @@ def build_cli(args: list[str] | None, cli_class: type[UMIMCLI] = UMIMCLI, **kwar
 
 def mine_main(argv: list[str]) -> int:
     """``umim mine``: mine merge rules from a corpus and save them (user errors: one line, exit 2)."""
-    from .errors import cli_entry
+    from umim.errors import cli_entry
 
     return cli_entry(_mine, argv)
 
 
 def _mine(argv: list[str]) -> int:
-    from .corpus import load_documents, tokenize_documents
-    from .fingerprint import tokenizer_fingerprint
-    from .lm import LMSpec, load_tokenizer
-    from .mining import FILTER_STAGES, mine_rules
-    from .rules import is_rules_dir
-    from .safe_io import check_replaceable
+    from umim.fingerprint import tokenizer_fingerprint
+    from umim.lm import LMSpec, load_tokenizer
+    from umim.rules.corpus import load_documents, tokenize_documents
+    from umim.rules.mining import FILTER_STAGES, mine_rules
+    from umim.rules.store import is_rules_dir
+    from umim.safe_io import check_replaceable
 
     p = argparse.ArgumentParser(prog="umim mine", description="Mine frequent n-gram merge rules from a corpus.")
     p.add_argument("--tokenizer", required=True, help='hub id, local folder, or "embedded" (offline SmolLM2)')
@@ -134,9 +134,9 @@ def _head(ids, offsets, max_tokens: int):
 
 def _mine_model_prob(a, argv: list[str]) -> int:
     """``umim mine --model-prob T``: one batched forward per block of the corpus."""
-    from .corpus import load_documents, tokenize_documents
-    from .lm import LMSpec, load_lm, load_tokenizer
-    from .prob_rules import mine_model_prob_rules
+    from umim.lm import LMSpec, load_lm, load_tokenizer
+    from umim.rules.corpus import load_documents, tokenize_documents
+    from umim.rules.prob_rules import mine_model_prob_rules
 
     spec = LMSpec(a.tokenizer, a.gguf_file)
     t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def _unescape(text: str) -> str:
 
 def generate_main(argv: list[str]) -> int:
     """``umim generate``: decode with no, prompt or dynamic merging (user errors: one line, exit 2)."""
-    from .errors import cli_entry
+    from umim.errors import cli_entry
 
     return cli_entry(_generate, argv)
 
@@ -172,8 +172,8 @@ def _generate(argv: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from .generation import MODES, MergedLM, SamplingConfig
-    from .lm import LMSpec
+    from umim.inference.generation import MODES, MergedLM, SamplingConfig
+    from umim.lm import LMSpec
 
     p = argparse.ArgumentParser(prog="umim generate", description="Generate text with UMIM merging.")
     p.add_argument("--model", default="embedded", help='hub id, local folder, or "embedded" (default)')
@@ -232,7 +232,7 @@ def _check_ckpt_path(args: list[str]) -> None:
     (torch would report a truncated file as "OSError: Invalid argument" after the model has loaded)."""
     import zipfile
 
-    from .errors import UserError
+    from umim.errors import UserError
 
     for i, a in enumerate(args):
         path = a.partition("=")[2] if a.startswith("--ckpt_path=") else (args[i + 1] if a == "--ckpt_path" and
@@ -262,7 +262,7 @@ def _dispatch(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``umim fit|validate|test|mine|generate``; user errors are one line and exit code 2 (see ``umim.errors``)."""
-    from .errors import cli_entry
+    from umim.errors import cli_entry
 
     return cli_entry(_dispatch, sys.argv[1:] if argv is None else list(argv))
 

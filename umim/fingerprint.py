@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-from .errors import UserError
+from umim.errors import UserError
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict:

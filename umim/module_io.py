@@ -9,8 +9,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import UserError, one_line
-from .fingerprint import check_fingerprint
+from umim.errors import UserError, one_line
+from umim.fingerprint import check_fingerprint
 
 VERSION = 1
 

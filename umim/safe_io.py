@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
+from umim.errors import UserError
 
 
 class OutputError(UserError):

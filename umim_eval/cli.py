@@ -8,7 +8,7 @@ Subcommands
     ``OUT/NAME.json`` (everything) and ``OUT/NAME.md`` (the table), and prints the table.
 ``umim-eval lm-eval ARGS...``
     lm-evaluation-harness with the ``umim`` model registered: registers it
-    (:func:`umim_eval.lm_eval_hook.register`, which imports only lm-eval's light registry) and
+    (:func:`umim_eval.harness.lm_eval_hook.register`, which imports only lm-eval's light registry) and
     hands ``ARGS`` unchanged to lm-eval's own CLI main (``lm_eval.__main__.cli_evaluate``), so
     every lm-eval option works, e.g.::
 
@@ -16,7 +16,7 @@ Subcommands
             --tasks hellaswag --device cpu --batch_size 8 --output_path out/
 
     This route needs no start-up hook. Plain ``lm_eval --model umim`` works too when the
-    ``umim-lm-eval.pth`` start-up hook is installed (see :mod:`umim_eval.lm_eval_hook`).
+    ``umim-lm-eval.pth`` start-up hook is installed (see :mod:`umim_eval.harness.lm_eval_hook`).
 ``umim-eval install-lm-eval-hook [--site DIR]``
     Copy that ``.pth`` hook into site-packages (for installs that did not ship it, e.g. an
     editable install); ``--remove`` deletes it again.
@@ -39,12 +39,12 @@ PTH_NAME = "umim-lm-eval.pth"
 
 RUNNERS: dict[str, tuple[str, str, str, str, str]] = {
     # subcommand: (module, settings dataclass, run function, table function, result file name)
-    "ppl": ("umim_eval.language_modeling", "PPLConfig", "run_ppl", "ppl_table", "ppl"),
-    "gen-quality": ("umim_eval.gen_quality", "GenQualityConfig", "run_gen_quality", "gen_quality_tables", "gen_quality"),
-    "summarize": ("umim_eval.summarization", "SummarizeConfig", "run_summarize", "summarize_table", "summarization"),
-    "math": ("umim_eval.math_reasoning", "MathConfig", "run_math", "math_table", "math"),
-    "compare": ("umim_eval.compare", "CompareConfig", "run_compare", "compare_table", "compare"),
-    "qa": ("umim_eval.qa", "QAConfig", "run_qa", "qa_table", "qa"),
+    "ppl": ("umim_eval.tasks.ppl", "PPLConfig", "run_ppl", "ppl_table", "ppl"),
+    "gen-quality": ("umim_eval.tasks.gen_quality", "GenQualityConfig", "run_gen_quality", "gen_quality_tables", "gen_quality"),
+    "summarize": ("umim_eval.tasks.summarize", "SummarizeConfig", "run_summarize", "summarize_table", "summarization"),
+    "math": ("umim_eval.tasks.math_reasoning", "MathConfig", "run_math", "math_table", "math"),
+    "compare": ("umim_eval.tasks.compare", "CompareConfig", "run_compare", "compare_table", "compare"),
+    "qa": ("umim_eval.tasks.qa", "QAConfig", "run_qa", "qa_table", "qa"),
 }
 """Lazy table of the runners: importing the CLI imports none of them."""
 
@@ -115,8 +115,7 @@ def run_command(command: str, argv: list[str]) -> int:
     from dataclasses import asdict
 
     from umim.safe_io import check_writable_dir
-
-    from .results import Journal, write_results
+    from umim_eval.results import Journal, write_results
 
     cfg = parse_runner_config(command, argv)
     module, _, run_name, table_name, file_name = RUNNERS[command]
@@ -140,7 +139,7 @@ def run_command(command: str, argv: list[str]) -> int:
 
 def lm_eval_main(argv: list[str]) -> int:
     """Run lm-eval's CLI with ``argv`` (without the program name) and ``umim`` registered."""
-    from .lm_eval_hook import register
+    from umim_eval.harness.lm_eval_hook import register
 
     if not register():
         print("umim-eval lm-eval: lm-eval is not installed (pip install 'lm-eval>=0.4,<0.5')", file=sys.stderr)
@@ -166,7 +165,7 @@ def _site_dir() -> str:
 
 def install_hook(site: str | None = None, remove: bool = False) -> str:
     """Copy (or remove) the start-up hook ``umim-lm-eval.pth`` in ``site`` (default: purelib)."""
-    from .lm_eval_hook import pth_path
+    from umim_eval.harness.lm_eval_hook import pth_path
 
     dest = os.path.join(site or _site_dir(), PTH_NAME)
     if remove:

@@ -1,0 +1,1 @@
+"""lm-evaluation-harness: the ``umim`` model, its start-up hook, and offline tasks."""

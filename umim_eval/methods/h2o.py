@@ -1,0 +1,65 @@
+"""H2O, Heavy-Hitter Oracle (Zhang et al., 2023): keep the tokens that received the most attention.
+
+Every cached entry accumulates the attention probability it receives from every query, per layer
+and per KV head (query heads of a GQA group are summed: they read the same entry). When the cache
+is over budget, half of the budget goes to the most recent entries and the other half to the
+non-recent entries with the highest accumulated score (the paper's 50/50 heavy/recent split);
+the rest is evicted, independently per layer and head, and its score is forgotten.
+
+Needs attention weights, i.e. a model loaded with ``attn_implementation="eager"``
+(``lm.set_attn_implementation("eager")``): fused kernels do not return them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from umim_eval.methods.base import KVPolicy, check_ratio
+
+
+@dataclass
+class H2O(KVPolicy):
+    """Heavy hitters by accumulated attention plus a recent window.
+
+    Parameters
+    ----------
+    ratio : target token reduction (fraction of seen tokens not in the cache).
+    recent_fraction : share of the budget for the recent window, fixed at the paper's 0.5.
+    """
+
+    ratio: float = 0.0
+    recent_fraction: float = 0.5
+    name: ClassVar[str] = "h2o"
+    needs_attentions: ClassVar[bool] = True
+    scores: dict = field(default_factory=dict, repr=False)
+    """layer -> [B, H_kv, T] float accumulated attention of each cached slot."""
+
+    def __post_init__(self):
+        self.ratio = check_ratio(self.ratio)
+
+    def reset(self) -> None:
+        self.scores = {}
+
+    def observe(self, layer: int, attn: torch.Tensor, pos: torch.Tensor) -> None:
+        B, H, Q, T = attn.shape
+        h_kv = pos.shape[1]
+        if H % h_kv:
+            raise ValueError(f"{H} query heads do not split into {h_kv} KV heads")
+        received = attn.float().view(B, h_kv, H // h_kv, Q, T).sum(dim=(2, 3))  # [B, H_kv, T]
+        old = self.scores.get(layer, received.new_zeros(B, h_kv, 0))
+        self.scores[layer] = torch.nn.functional.pad(old, (0, T - old.shape[-1])) + received  # new slots start at 0
+
+    def keep(self, layer: int, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
+        scores = self.scores[layer]
+        T = pos.shape[-1]
+        n_recent = min(n_keep, max(1, int(self.recent_fraction * n_keep + 0.5)))  # half up, not banker's
+        # slots are in position order, so the recent window is the last n_recent slots
+        recent = torch.arange(T, device=pos.device) >= T - n_recent
+        heavy = scores.masked_fill(recent, float("-inf")).topk(n_keep - n_recent, dim=-1).indices
+        tail = torch.arange(T - n_recent, T, device=pos.device).expand(*pos.shape[:2], n_recent)
+        index = torch.cat([heavy, tail], dim=-1).sort(dim=-1).values
+        self.scores[layer] = scores.gather(-1, index)
+        return index

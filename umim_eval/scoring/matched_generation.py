@@ -1,0 +1,207 @@
+"""Generation at matched token reduction, shared by the summarization and math runners.
+
+Every method (``base``, ``umim``, prompt compressors and mergers, KV policies) generates from the
+same prompts, driven to per-prompt target TRs (:func:`match_targets`): prompt methods through
+:func:`umim_eval.scoring.prompt_inputs.prompt_inputs` and Hugging Face ``generate``
+(:func:`umim_eval.scoring.prompt_inputs.generate_from`), KV policies through
+:func:`umim_eval.scoring.policy_generate.policy_generate` with the ``prompt`` budget schedule (only
+the prompt is reduced; every generated token adds one cache entry). Also: loading records from the
+hub, a ``.jsonl`` file or a built-in offline set (:func:`load_records`), and the LM + merger + rules
+(:func:`load_merged_lm`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from umim.errors import UserError
+from umim.inference.generation import MergedLM, SamplingConfig
+from umim.lm import LMSpec
+from umim_eval.methods.registry import check_methods, is_kv_policy, make_method
+from umim_eval.scoring.policy_generate import eager_attention, policy_generate
+from umim_eval.scoring.prompt_inputs import generate_from, prompt_inputs
+
+MATCHES = ("per_example", "mean", "fixed")
+"""How targets are set: UMIM's TR per prompt, UMIM's mean TR, or a fixed ``ratio``."""
+
+
+class DataError(UserError):
+    """An evaluation data set that is missing, malformed or too small."""
+
+
+class DataFieldError(DataError, KeyError):
+    """A record lacks a field the runner reads."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def load_records(data: str, split: str, fields: list[str], n: int | None = None) -> list[dict]:
+    """The first ``n`` records of a hub dataset (``hf:PATH[:CONFIG]``) or a local ``.jsonl`` file,
+    each reduced to ``fields`` (values as strings); ``local:NAME`` is a built-in offline set of
+    :data:`umim_eval.harness.local_tasks.LOCAL_SETS`."""
+    if data.startswith("local:"):
+        from umim_eval.harness.local_tasks import LOCAL_SETS
+
+        if data[6:] not in LOCAL_SETS:
+            raise DataError(f"unknown local data set {data!r}; choose from {['local:' + k for k in LOCAL_SETS]}")
+        rows = LOCAL_SETS[data[6:]](n)
+    elif data.startswith("hf:"):
+        import datasets
+
+        path, _, config = data[3:].partition(":")
+        ds = datasets.load_dataset(path, config or None, split=split)
+        rows = ds.select(range(min(n, len(ds)))) if n is not None else ds
+    else:
+        p = Path(data)
+        if not p.is_file():
+            raise DataError(f"no data file {data!r} (use hf:PATH[:CONFIG] for hub datasets)")
+        rows = []
+        with open(p, encoding="utf-8") as f:
+            for ln, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{data}:{ln}: not a JSON line ({e.msg})") from e
+        rows = rows[:n] if n is not None else rows
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"record {i} of {data} is not a JSON object")
+        missing = [k for k in fields if k not in r]
+        if missing:
+            raise DataFieldError(f"record {i} of {data} has no field(s) {missing}; it has {sorted(r)}")
+        out.append({k: str(r[k]) for k in fields})
+    if not out:
+        raise DataError(f"{data} holds no records")
+    if n is not None and len(out) < n:
+        raise DataError(f"{data} holds {len(out)} records, {n} were asked for: lower n_samples")
+    return out
+
+
+def load_merged_lm(lm: str, dtype: str = "float32", device: str | None = None, run_dir=None, merger=None,
+                   rules=None, need_merger: bool = False) -> MergedLM:
+    """The target LM (plus merger and rules when given) on ``device`` (default CUDA when available)."""
+    if need_merger and run_dir is None and (merger is None or rules is None):
+        raise UserError("umim (and UMIM matching) needs a merger and rules: set run_dir, or merger and rules")
+    return MergedLM.load(LMSpec(lm, dtype=dtype), merger=merger, rules=rules, run_dir=run_dir, device=device)
+
+
+def check_match(match: str, ratio: float | None) -> None:
+    if match not in MATCHES:
+        raise UserError(f"unknown match {match!r}; choose from {MATCHES}")
+    if match == "fixed" and (ratio is None or not 0.0 <= float(ratio) < 1.0):
+        raise UserError(f'match="fixed" needs ratio in [0, 1), got {ratio!r}')
+
+
+def check_matched_run(cfg, field: str) -> None:
+    """What every matched-TR generation runner (summarize, math) checks before loading a model: its
+    ``match``/``ratio``, that ``prompt_template`` holds ``{field}``, and its methods."""
+    check_match(cfg.match, cfg.ratio)
+    if "{" + field + "}" not in cfg.prompt_template:
+        raise UserError(f"prompt_template needs a {{{field}}} field, got {cfg.prompt_template!r}")
+    check_methods(cfg.methods, cfg.method_options)
+
+
+def match_targets(match: str, ratio: float | None, m: MergedLM, prompts: list[list[int]]) -> list[float]:
+    """Per prompt, the TR every method is driven to (see the module docstring)."""
+    check_match(match, ratio)
+    if match == "fixed":
+        return [float(ratio)] * len(prompts)
+    if m.merger is None or m.rules is None:
+        raise UserError(f'match="{match}" needs UMIM\'s merger and rules (run_dir), or use match="fixed" with ratio')
+    # the segmentation UMIMMerge uses, without embedding anything
+    trs = [1.0 - len(m.rules.segment(list(p))) / len(p) for p in prompts]
+    return trs if match == "per_example" else [sum(trs) / len(trs)] * len(prompts)
+
+
+@dataclass
+class Generated:
+    """One generated text and the TR it was generated at."""
+
+    ids: list[int]
+    """New token ids (EOS excluded)."""
+    tr: float
+    """Achieved TR on the prompt scale: removed prompt positions (or evicted entries) / prompt tokens."""
+
+
+def model_context(lm) -> int:
+    return int(getattr(lm.config, "max_position_embeddings", 0) or getattr(lm.config, "n_positions", 0) or 0)
+
+
+def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: list[float],
+                     sampling: SamplingConfig, n_samples: int = 1, batch_size: int = 1, options: dict | None = None,
+                     kv_prefill: str = "full", progress: bool = True) -> list[list[Generated]]:
+    """Generate ``n_samples`` texts per prompt with method ``name`` driven to ``targets``.
+
+    Parameters
+    ----------
+    name : a method name of :mod:`umim_eval.methods.registry` or ``"base"``.
+    m : the target LM and tokenizer (and merger + rules for ``umim``).
+    prompts : N prompts, token ids of ``m.tokenizer``.
+    targets : [N] target TR of each prompt (ignored by ``base`` and fixed-rule ``umim``).
+    sampling : decoding settings; with ``do_sample`` and a ``seed``, the RNG is reseeded per batch
+        (prompt methods) or per text (KV policies), so methods see the same random stream.
+    n_samples : texts per prompt (pass@k needs several).
+    batch_size : texts per ``generate`` call (prompt methods only).
+    options : extra constructor options of the method.
+    kv_prefill : prefill of KV policies, see :func:`policy_generate`.
+
+    Returns
+    -------
+    [N][n_samples] :class:`Generated`.
+    """
+    if len(targets) != len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(targets)} targets")
+    opts = dict(options or {})
+    lm, tok, G = m.lm, m.tokenizer, sampling.max_new_tokens
+    context = model_context(lm)
+    eos = sampling.eos_token_id
+    out: list[list[Generated]] = [[] for _ in prompts]
+    # built once (a compressor may load a model), then re-aimed per prompt through its ratio knob
+    method = make_method(name, 0.0, merged_lm=m, **opts)
+    driven = method is not None and getattr(method, "ratio", None) is not None
+    if is_kv_policy(method):
+        bar = tqdm(total=len(prompts) * n_samples, desc=name, disable=not progress, leave=False)
+        with eager_attention(lm, method.needs_attentions):
+            for i, (p, t) in enumerate(zip(prompts, targets)):
+                P = len(p)
+                if context and P + G > context:
+                    raise UserError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
+                policy = method
+                policy.ratio = t  # the prompt reduced by t, the generation kept (schedule "prompt")
+                for s in range(n_samples):
+                    seed = None if sampling.seed is None else sampling.seed + i * n_samples + s
+                    cfg = SamplingConfig(**{**asdict(sampling), "seed": seed})
+                    r = policy_generate(lm, p, policy, cfg, schedule="prompt", prefill=kv_prefill)
+                    out[i].append(Generated(r.generated_ids, (r.n_seen - r.cache_len) / P))
+                    bar.update()
+        bar.close()
+        return out
+
+    inputs = []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        if driven:
+            method.ratio = float(t)
+        inp = prompt_inputs(method, lm, tok, p)
+        if context and inp.n_fed + G > context:
+            raise UserError(f"prompt {i}: {inp.n_fed} positions + {G} new exceed the model's context {context}")
+        inputs.append(inp)
+    items = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else None)
+    for b in tqdm(range(0, len(items), batch_size), desc=name, disable=not progress, leave=False):
+        chunk = items[b : b + batch_size]
+        if sampling.do_sample and sampling.seed is not None:
+            torch.manual_seed(sampling.seed + b)
+        texts = generate_from(lm, [inputs[i] for i, _ in chunk], G, do_sample=sampling.do_sample,
+                              temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=eos,
+                              pad_token_id=pad)
+        for (i, _), ids in zip(chunk, texts):
+            out[i].append(Generated(ids, inputs[i].tr))
+    return out

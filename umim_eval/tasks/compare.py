@@ -1,0 +1,180 @@
+"""Every method at a matched token reduction, scored by the perplexity of a continuation.
+
+Protocol. The test split's token stream (documents joined with EOS) is cut into windows; each gives
+``context_tokens`` of context and the next ``target_tokens`` as the target. A method reduces the CONTEXT (UMIM merges it, prompt compressors drop tokens, prompt
+mergers merge groups); the target is always fed and scored unmerged, one position per token, as
+in the QA protocol of the paper (App. F.2). Score: perplexity of the target tokens (all methods
+score the same tokens). TR = removed context positions / context tokens.
+
+Matching (``targets``):
+
+* ``"umim"`` — per example, every method is driven to the TR UMIM's rules give on THAT context
+  (the paper's default: "TR controlled to be the same as our approach");
+* a number, e.g. ``0.1`` — every method at that TR; fixed-rule UMIM cannot be set to a TR and is
+  replaced by its adaptive-budget variant when that method is registered.
+
+KV policies (StreamingLLM, H2O) do not shrink the prompt; they evict while reading. They read
+context + target token by token under the ``prompt`` budget schedule: ``round(t * P)`` entries
+are evicted while the context is read, and the target then grows the cache by one entry per token,
+so every target token sees as many entries as after a context merged to TR ``t``; their TR is
+reported on the same scale (evicted entries / context tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
+
+from umim.errors import UserError
+from umim.inference.generation import MergedLM
+from umim.lm import LMSpec
+from umim.rules.corpus import load_documents
+from umim_eval.methods.registry import LABELS, check_methods, is_kv_policy, make_method
+from umim_eval.results import Journal, fmt, markdown_table, pct
+from umim_eval.scoring.policy_generate import eager_attention
+from umim_eval.scoring.prompt_inputs import continuation_nll_from, prompt_inputs
+
+
+@dataclass
+class CompareConfig:
+    """Settings of ``umim-eval compare``."""
+
+    lm: str = "embedded"
+    """Target LM: hub id, local folder, or "embedded"."""
+    dtype: str = "float32"
+    """LM weights dtype: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Torch device of the LM and merger; default CUDA when available, else CPU."""
+    run_dir: str | None = None
+    """A ``umim fit`` output folder holding ``merger/`` and ``rules/``."""
+    merger: str | None = None
+    """Merger folder (overrides ``run_dir/merger``)."""
+    rules: str | None = None
+    """Rules folder (overrides ``run_dir/rules``)."""
+    data: str = "hf:Salesforce/wikitext:wikitext-103-raw-v1"
+    """Corpus spec of the test documents (``hf:PATH[:CONFIG]``, ``pydoc``, a local file)."""
+    split: str = "test"
+    """Split of ``data``."""
+    n_samples: int = 64
+    """Windows of context + target tokens used (the first ones of the split's token stream)."""
+    context_tokens: int = 256
+    """Context length P (what the methods reduce)."""
+    target_tokens: int = 64
+    """Target length C (scored, never reduced)."""
+    methods: list[str] = field(default_factory=lambda: ["umim", "select_context", "streaming_llm", "h2o"])
+    """Method names of :data:`umim_eval.methods.registry.METHODS`; ``base`` (no reduction) is always included."""
+    method_options: dict[str, dict] = field(default_factory=dict)
+    """Extra constructor options per method, e.g. ``{ktoken: {path: runs/ktoken/ktoken}}``."""
+    targets: list = field(default_factory=lambda: ["umim"])
+    """TR levels: ``"umim"`` (per-example match to UMIM's TR) and/or numbers in [0, 1)."""
+    out_dir: str = "results/compare"
+    """Where ``compare.json`` and ``compare.md`` are written."""
+
+
+def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int, target_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """``(context ids [P], target ids [C])``: the first ``n`` windows of ``P + C`` tokens of the split's
+    token stream (documents joined with EOS, as for perplexity), so short documents still count.
+
+    Raises ``ValueError`` when the split holds fewer than ``n`` windows (no silent shortfall).
+    """
+    from umim.rules.corpus import tokenize_documents
+    from umim.training.datamodule import pack_blocks
+
+    if context_tokens < 1 or target_tokens < 1 or n < 1:
+        raise UserError("n_samples, context_tokens and target_tokens must be >= 1")
+    need = context_tokens + target_tokens
+    ids, offsets = tokenize_documents(load_documents(data, split), tokenizer, progress=False)
+    blocks = pack_blocks(ids, offsets, need, tokenizer.eos_token_id)
+    if len(blocks) < n:
+        raise UserError(f"{data}:{split} holds {len(ids):,} tokens = {len(blocks)} windows of {need}; "
+                        f"{n} requested: lower n_samples, context_tokens or target_tokens")
+    return [(b[:context_tokens].tolist(), b[context_tokens:].tolist()) for b in blocks[:n]]
+
+
+def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, float]:
+    """(summed target NLL, achieved TR on the context) of one example."""
+    if is_kv_policy(method):
+        from umim_eval.scoring.policy_nll import policy_nll
+
+        P, C = len(ctx), len(tgt)
+        with eager_attention(m.lm, method.needs_attentions):
+            r = policy_nll(m.lm, ctx + tgt, method, schedule="prompt", prompt_len=P)
+        nll = float(r.token_nll[0, P:].sum())
+        evicted = (P + C - 1) - int(r.cache_len[-1])
+        return nll, evicted / P
+    with eager_attention(m.lm, getattr(method, "needs_attentions", False)):
+        inp = prompt_inputs(method, m.lm, m.tokenizer, ctx)
+    return float(continuation_nll_from(m.lm, inp, tgt).sum()), inp.tr
+
+
+def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM | None = None,
+                journal: Journal | None = None) -> dict:
+    """Score every method at every target level; see the module docstring for the protocol.
+
+    Returns
+    -------
+    ``{"config", "rows": [{target, method, target_tr, achieved_tr, ppl, nll, n}], "base": {...}, "wall_s"}``
+    (TRs are means over examples).
+    """
+    t0 = time.perf_counter()
+    check_methods(cfg.methods, cfg.method_options)
+    for t in cfg.targets:
+        if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):
+            raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
+    if cfg.n_samples < 1 or cfg.context_tokens < 1 or cfg.target_tokens < 1:
+        raise UserError("n_samples, context_tokens and target_tokens must be >= 1")
+    m = merged_lm or MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules,
+                                   run_dir=cfg.run_dir, device=cfg.device)
+    examples = load_examples(cfg.data, cfg.split, m.tokenizer, cfg.n_samples, cfg.context_tokens, cfg.target_tokens)
+    for t in cfg.targets:
+        if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):
+            raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
+    umim = make_method("umim", merged_lm=m) if m.merger is not None and m.rules is not None else None
+    if "umim" in cfg.targets and umim is None:
+        raise UserError("targets 'umim' needs a merger and rules (run_dir, or merger + rules)")
+    # UMIM's TR needs only the segmentation, not the surrogates
+    umim_tr = [1.0 - len(m.rules.segment(c)) / len(c) if umim else None for c, _ in examples]
+    n_tgt = sum(len(t) for _, t in examples)
+
+    # every method built before any scoring (a missing trained compressor fails now, not after hours),
+    # once (a method may load a model or inject an adapter), then re-aimed through its ratio knob
+    built = {name: make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
+             for name in dict.fromkeys(cfg.methods)}
+    get = journal.get_or if journal is not None else (lambda key, compute: compute())
+    base_nll = sum(get(f"base|{i}", lambda: _score(None, m, c, t))[0] for i, (c, t) in enumerate(examples))
+    base = {"method": "base", "ppl": math.exp(base_nll / n_tgt), "nll": base_nll / n_tgt, "achieved_tr": 0.0}
+    rows = []
+    jobs = [(t, name) for t in cfg.targets for name in cfg.methods]
+    for target, name in tqdm(jobs, desc="compare", disable=not progress):
+        if target != "umim" and name == "umim":
+            continue  # fixed rules have no TR knob: the umim_budget method covers fixed levels
+        method = built[name]
+        nll, trs, asked = 0.0, [], []
+        for i, (ctx, tgt) in enumerate(examples):
+            want = umim_tr[i] if target == "umim" else float(target)
+            if name != "umim":
+                method.ratio = want
+            s, tr = get(f"{target}|{name}|{i}", lambda: _score(method, m, ctx, tgt))
+            nll, trs, asked = nll + s, trs + [tr], asked + [want]
+        rows.append({"target": target, "method": name, "target_tr": sum(asked) / len(asked),
+                     "achieved_tr": sum(trs) / len(trs), "max_tr_gap": max(abs(a - b) for a, b in zip(trs, asked)),
+                     "ppl": math.exp(nll / n_tgt), "nll": nll / n_tgt, "n": len(examples)})
+    return {"config": asdict(cfg), "base": base, "rows": rows, "n_examples": len(examples),
+            "tokens_scored": n_tgt, "wall_s": time.perf_counter() - t0}
+
+
+def compare_table(result: dict) -> str:
+    """One block per target level: Method | target TR (%) | achieved TR (%) | PPL | ΔPPL vs base,
+    under a line giving the number of examples and target tokens scored."""
+    base = result["base"]
+    rows = [["Base LM", "–", "–", "–", fmt(base["ppl"], 3), "–"]]
+    for r in result["rows"]:
+        level = "UMIM's TR" if r["target"] == "umim" else pct(float(r["target"]), 0) + "%"
+        rows.append([LABELS.get(r["method"], r["method"]), level, pct(r["target_tr"]), pct(r["achieved_tr"]), fmt(r["ppl"], 3),
+                     f"{r['ppl'] - base['ppl']:+.3f}"])
+    head = f"{result['n_examples']} examples, {result['tokens_scored']} target tokens scored\n\n"
+    return head + markdown_table(["Method", "Matched to", "Target TR (%)", "Achieved TR (%)", "PPL", "ΔPPL"], rows)
+
