@@ -39,10 +39,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from umim.errors import UserError, one_line
+from umim.errors import UserError
 from umim.fingerprint import tokenizer_fingerprint
 from umim.inference import kv_cache
-from umim.lm import LMSpec, cache_kwargs, load_lm, load_tokenizer
+from umim.lm import LMSpec, cache_kwargs
 from umim.merging.merger import MergeModule
 from umim.rules.store import MergeRules
 
@@ -174,25 +174,23 @@ class MergedLM:
     def load(cls, lm: LMSpec | str = "embedded", merger: str | Path | None = None, rules: str | Path | None = None,
              run_dir: str | Path | None = None, device: str | None = None) -> "MergedLM":
         """Load in one call: the LM, and the merger + rules from ``run_dir`` (``merger/``, ``rules/``)
-        or from separate paths, on ``device`` (default: CUDA when available, else CPU)."""
+        or from separate paths, on ``device`` (default: CUDA when available, else CPU).
+        The same as :meth:`umim.inference.loading.ModelArgs.load`."""
+        from umim.inference.loading import ModelArgs
+
         spec = lm if isinstance(lm, LMSpec) else LMSpec(str(lm))
-        if run_dir is not None:
-            merger = merger or Path(run_dir) / "merger"
-            rules = rules or Path(run_dir) / "rules"
-        try:
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as e:
-            raise GenerationError(f"device {device!r}: {one_line(e)}") from e
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise GenerationError(f"device {str(device)!r}: no CUDA device here (use cpu)")
-        model, tok = load_lm(spec), load_tokenizer(spec)
-        model.to(device)
-        loaded_rules = MergeRules.load(rules, tokenizer=tok) if rules else None
-        loaded_merger = (
-            MergeModule.from_pretrained(merger, hidden_size=model.get_input_embeddings().embedding_dim,
-                                        tokenizer_fp=tokenizer_fingerprint(tok)) if merger else None
-        )
-        return cls(model, tok, loaded_merger, loaded_rules)
+        return ModelArgs(spec.name_or_path, spec.gguf_file, spec.dtype, device, run_dir and str(run_dir),
+                         merger and str(merger), rules and str(rules)).load()
+
+    def require_merging(self, what: str = "UMIM merging") -> None:
+        """Raise a user error naming ``what`` when this LM has no merger or no rules."""
+        if self.merger is None or self.rules is None:
+            raise UserError(f"{what} needs a merger and rules (run_dir, or merger + rules)")
+
+    def token_reduction(self, ids: list[int]) -> float:
+        """UMIM's TR on one sequence: ``1 - segments / tokens`` of its longest-match segmentation."""
+        self.require_merging("UMIM's token reduction")
+        return 1.0 - len(self.rules.segment(list(ids))) / len(ids) if len(ids) else 0.0
 
     # -- rules and surrogates ----------------------------------------------------------------------
     def _rule_set(self, n: int) -> set:
@@ -276,8 +274,8 @@ class MergedLM:
         """Generate for a batch of prompts (strings or token-id lists)."""
         if mode not in MODES:
             raise GenerationError(f"unknown merge mode {mode!r}; choose from {MODES}")
-        if mode != "none" and (self.merger is None or self.rules is None):
-            raise GenerationError(f"merge mode {mode!r} needs a merger and rules")
+        if mode != "none":
+            self.require_merging(f"merge mode {mode!r}")
         cfg = sampling or SamplingConfig()
         if not isinstance(cfg, SamplingConfig):
             raise GenerationError(f"sampling must be a SamplingConfig, not {type(cfg).__name__}")
