@@ -17,6 +17,7 @@ from umim.merging.merger import MergeModule, MergerConfig
 from umim.rules.corpus import CorpusError
 from umim.rules.store import MergeRules
 from umim_eval import generation_metrics as gm
+from umim_eval.cli import save_results
 from umim_eval.tasks.gen_quality import (
     GenQualityConfig,
     gen_quality_tables,
@@ -193,6 +194,7 @@ def test_run_gen_quality_without_matches_equals_base(tmp_path, tok, llama_dir, c
     pad = tok.pad_token_id  # never produced by encoding text, so no rule ever matches
     run = _run_dir(tmp_path / "run", tok, llama_dir, {2: {(pad, pad)}})
     res = run_gen_quality(_cfg(llama_dir, corpus, run, out_dir=str(tmp_path / "out")), progress=False)
+    save_results("gen-quality", res, str(tmp_path / "out"))  # runners return results; the command writes them
     assert res["n_samples"] == 4 and set(res["decodings"]) == {"greedy", "top_p"}
     for dec in ("greedy", "top_p"):
         base, merged = res["decodings"][dec]["base"], res["decodings"][dec]["merged"]

@@ -17,6 +17,7 @@ from umim.fingerprint import tokenizer_fingerprint
 from umim.inference.generation import MergedLM
 from umim.merging.merger import MergeModule, MergerConfig
 from umim.rules.store import MergeRules
+from umim_eval.cli import save_results
 from umim_eval.tasks.math_reasoning import (
     MathConfig,
     MathDataset,
@@ -124,6 +125,7 @@ def test_math_end_to_end(setup, tmp_path):
     m, path = setup
     cfg = _cfg(path, methods=["base", "umim", "select_context", "streaming_llm"], out_dir=str(tmp_path))
     res = run_math(cfg, progress=False, merged_lm=m)
+    save_results("math", res, cfg.out_dir)  # runners return results; the command writes them
     for ds in ("aime2024", "amc2023"):
         rows = res["results"][ds]
         assert list(rows) == cfg.methods

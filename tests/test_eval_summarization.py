@@ -15,6 +15,7 @@ from umim.fingerprint import tokenizer_fingerprint
 from umim.inference.generation import MergedLM, SamplingConfig
 from umim.merging.merger import MergeModule, MergerConfig
 from umim.rules.store import MergeRules
+from umim_eval.cli import save_results
 from umim_eval.methods import H2O, StreamingLLM
 from umim_eval.methods.base import n_removed
 from umim_eval.scoring.policy_generate import eager_attention, policy_generate
@@ -161,6 +162,7 @@ def test_summarize_end_to_end_from_disk(tok, news, tmp_path):
     cfg = _cfg(news, lm=str(tmp_path / "lm"), run_dir=str(tmp_path / "run"), bertscore_model=str(tmp_path / "lm"),
                bertscore_layers=1, out_dir=str(tmp_path / "out"))
     res = run_summarize(cfg, progress=False)
+    save_results("summarize", res, cfg.out_dir)  # runners return results; the command writes them
     assert list(res["methods"]) == cfg.methods
     for name, row in res["methods"].items():
         assert set(row) >= {"target_tr", "tr", "rouge1", "rouge2", "rougeL", "rougeLsum", "avg", "bertscore"}

@@ -37,14 +37,14 @@ import sys
 
 PTH_NAME = "umim-lm-eval.pth"
 
-RUNNERS: dict[str, tuple[str, str, str, str, str]] = {
-    # subcommand: (module, settings dataclass, run function, table function, result file name)
-    "ppl": ("umim_eval.tasks.ppl", "PPLConfig", "run_ppl", "ppl_table", "ppl"),
-    "gen-quality": ("umim_eval.tasks.gen_quality", "GenQualityConfig", "run_gen_quality", "gen_quality_tables", "gen_quality"),
-    "summarize": ("umim_eval.tasks.summarize", "SummarizeConfig", "run_summarize", "summarize_table", "summarization"),
-    "math": ("umim_eval.tasks.math_reasoning", "MathConfig", "run_math", "math_table", "math"),
-    "compare": ("umim_eval.tasks.compare", "CompareConfig", "run_compare", "compare_table", "compare"),
-    "qa": ("umim_eval.tasks.qa", "QAConfig", "run_qa", "qa_table", "qa"),
+RUNNERS: dict[str, str] = {
+    # subcommand: task module (exposing Config, run, table, NAME)
+    "ppl": "umim_eval.tasks.ppl",
+    "gen-quality": "umim_eval.tasks.gen_quality",
+    "summarize": "umim_eval.tasks.summarize",
+    "math": "umim_eval.tasks.math_reasoning",
+    "compare": "umim_eval.tasks.compare",
+    "qa": "umim_eval.tasks.qa",
 }
 """Lazy table of the runners: importing the CLI imports none of them."""
 
@@ -55,8 +55,7 @@ def runner_parser(command: str):
 
     import jsonargparse
 
-    module, cfg_name, *_ = RUNNERS[command]
-    cfg_cls = getattr(importlib.import_module(module), cfg_name)
+    cfg_cls = importlib.import_module(RUNNERS[command]).Config
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings as --help
     p = jsonargparse.ArgumentParser(prog=f"umim-eval {command}", description=(cfg_cls.__doc__ or "").strip())
     p.add_argument("--config", action=jsonargparse.ActionConfigFile, help="YAML settings file (conf/eval/*.yaml)")
@@ -99,14 +98,23 @@ def _inputs_stamp(cfg) -> str:
     from pathlib import Path
 
     h = hashlib.sha256()
-    run_dir = getattr(cfg, "run_dir", None)
-    for folder in (getattr(cfg, "merger", None) or (run_dir and Path(run_dir) / "merger"),
-                   getattr(cfg, "rules", None) or (run_dir and Path(run_dir) / "rules")):
+    for folder in cfg.merging_paths():
         for name in ("config.json", "rules.json", "rules.safetensors"):
             f = Path(folder) / name if folder else None
             if f is not None and f.is_file():
                 h.update(name.encode() + f.read_bytes())
     return h.hexdigest()
+
+
+def save_results(command: str, result: dict, out_dir: str) -> dict:
+    """Write ``out_dir/NAME.json`` (everything) and ``out_dir/NAME.md`` (the table) of a runner's
+    result; the one place results are written. Returns the paths."""
+    import importlib
+
+    from .results import write_results
+
+    mod = importlib.import_module(RUNNERS[command])
+    return write_results(result, out_dir, mod.NAME, mod.table(result))
 
 
 def run_command(command: str, argv: list[str]) -> int:
@@ -115,24 +123,22 @@ def run_command(command: str, argv: list[str]) -> int:
     from dataclasses import asdict
 
     from umim.safe_io import check_writable_dir
-    from umim_eval.results import Journal, write_results
+
+    from .results import Journal
 
     cfg = parse_runner_config(command, argv)
-    module, _, run_name, table_name, file_name = RUNNERS[command]
-    out_dir = cfg.out_dir or f"results/{file_name}"
-    check_writable_dir(out_dir)  # before any work, not after it
-    mod = importlib.import_module(module)
-    run = getattr(mod, run_name)
+    mod = importlib.import_module(RUNNERS[command])
+    cfg.out_dir = cfg.out_dir or f"results/{mod.NAME}"
+    check_writable_dir(cfg.out_dir)  # before any work, not after it
     settings = {**asdict(cfg), "inputs": _inputs_stamp(cfg)}  # retrained merger or re-mined rules: afresh
-    journal = Journal(out_dir, file_name, settings) if "journal" in inspect.signature(run).parameters else None
+    journal = Journal(cfg.out_dir, mod.NAME, settings) if "journal" in inspect.signature(mod.run).parameters else None
     if journal is not None and journal.resumed:
         print(f"resuming: {journal.resumed} pieces already computed in {journal.path}", file=sys.stderr)
-    result = run(cfg, journal=journal) if journal is not None else run(cfg)
-    table = getattr(mod, table_name)(result)
-    paths = write_results(result, out_dir, file_name, table)
+    result = mod.run(cfg, journal=journal) if journal is not None else mod.run(cfg)
+    paths = save_results(command, result, cfg.out_dir)
     if journal is not None:
         journal.close()
-    print(table)
+    print(mod.table(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

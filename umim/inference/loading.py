@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from umim.errors import one_line
+from umim.errors import UserError, one_line
 from umim.lm import LMSpec
 
 
@@ -39,13 +39,24 @@ class ModelArgs:
         return LMSpec(self.lm, self.gguf_file, self.dtype)
 
     def merging_paths(self) -> tuple[str | None, str | None]:
-        """(merger, rules) as given, or ``run_dir/merger`` and ``run_dir/rules``."""
-        run = Path(self.run_dir) if self.run_dir else None
+        """(merger, rules) as given, or ``run_dir/merger`` and ``run_dir/rules`` (``run_dir`` may be a
+        hub repo id, fetched into the hub cache)."""
+        run = None
+        if self.run_dir:  # a local folder, or a hub repo holding merger/ and rules/ (umim.hub)
+            from umim.hub import is_repo_id, resolve_run
+
+            local = Path(self.run_dir).exists() or not is_repo_id(self.run_dir)
+            run = Path(self.run_dir) if local else resolve_run(self.run_dir)
         return (self.merger or (str(run / "merger") if run else None),
                 self.rules or (str(run / "rules") if run else None))
 
     def has_merging(self) -> bool:
         return all(self.merging_paths())
+
+    def check_merging(self, what: str) -> None:
+        """Before loading: refuse when no merger or no rules are named."""
+        if not self.has_merging():
+            raise merging_missing(what)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -61,6 +72,11 @@ class ModelArgs:
         model.to(device)
         merger, rules = self.merging_paths() if merging else (None, None)
         return MergedLM(model, tok, *load_merging(model, tok, merger, rules))
+
+
+def merging_missing(what: str) -> UserError:
+    """The one message for "this needs UMIM's merger and rules"."""
+    return UserError(f"{what} needs a merger and rules (run_dir, or merger + rules)")
 
 
 def resolve_device(device: str | None) -> torch.device:

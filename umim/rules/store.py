@@ -33,6 +33,7 @@ from umim.safe_io import check_replaceable, replace_dir, staging_dir
 FORMAT = "umim-merge-rules"
 VERSION = 1
 MAX_N = 4  # the longest span a merger is trained for (umim.merging.batch builds spans of at most this many tokens)
+RULES_FILES = ("rules.json", "rules.safetensors")
 
 
 
@@ -125,13 +126,36 @@ class MergeRules:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None):
+        """Save these rules as :meth:`save` does and upload them to hub repo ``repo_id`` (created when
+        missing) on branch ``revision``; returns the commit's ``CommitInfo``."""
+        from umim.hub import push_saved
+
+        return push_saved(self.save, repo_id, what="merge rules", private=private, revision=revision,
+                          commit_message=commit_message, token=token)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, tokenizer: Any = None, *, revision: str | None = None,
+                        subfolder: str | None = None) -> "MergeRules":
+        """Load a rule set from a folder (or its ``rules.json``) or a hub repo id "org/name" (fetched
+        into the hub cache; ``revision`` and ``subfolder`` pick the branch/tag/commit and the folder in
+        it); check it against ``tokenizer`` if given."""
+        from umim.hub import resolve
+
+        return cls.load(resolve(name_or_path, revision=revision, subfolder=subfolder, files=RULES_FILES,
+                                what="merge rules"), tokenizer)
+
     @classmethod
     def load(cls, path: str | os.PathLike, tokenizer: Any = None) -> "MergeRules":
-        """Load a rule set directory (or its ``rules.json``); check it against ``tokenizer`` if given."""
+        """Load a rule set directory (or its ``rules.json``, or a hub repo id as :meth:`from_pretrained`
+        does); check it against ``tokenizer`` if given."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        path = Path(path)
+        from umim.hub import resolve
+
+        path = resolve(path, files=RULES_FILES, what="merge rules")
         if path.is_file() and path.name == "rules.json":
             path = path.parent
         meta_file, tensor_file = path / "rules.json", path / "rules.safetensors"

@@ -54,7 +54,6 @@ import functools
 import inspect
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,14 +64,11 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from umim.errors import UserError, one_line
-from umim.fingerprint import tokenizer_fingerprint
 from umim.inference.generation import MODES, MergedLM, SamplingConfig
+from umim.inference.loading import ModelArgs, load_merging
 from umim.lm import LMSpec, resolve
 from umim.merging.batch import build_merged_batch
-from umim.merging.merger import MergeModule
-from umim.rules.store import MergeRules
 from umim_eval.scoring.perplexity import two_stage_nll
-from umim_eval.scoring.token_nll import token_nll
 
 log = logging.getLogger("lm_eval.models.umim")  # under lm-eval's logger: shown by its CLI
 
@@ -116,19 +112,13 @@ class UMIMLM(HFLM):
         super().__init__(pretrained=pretrained, device=device, **kwargs)
         if self.backend != "causal":
             raise ValueError("the umim model needs a causal (decoder-only) LM")
-        if run_dir is not None:
-            merger = merger or str(Path(run_dir) / "merger")
-            rules = rules or str(Path(run_dir) / "rules")
+        merger, rules = ModelArgs(run_dir=run_dir, merger=merger, rules=rules).merging_paths()
         if merge is None:  # UMIM merges by default; a compressor= replaces it
             merge = "prompt" if (merger and rules and compressor is None) else "none"
         if merge != "none" and not (merger and rules):
             raise ModelArgsError(f"merge={merge} needs merger= and rules= (or run_dir=)")
         tok = self.tokenizer
-        loaded_rules = MergeRules.load(rules, tokenizer=tok) if rules else None
-        loaded_merger = (
-            MergeModule.from_pretrained(merger, hidden_size=self.model.get_input_embeddings().embedding_dim,
-                                        tokenizer_fp=tokenizer_fingerprint(tok)) if merger else None
-        )
+        loaded_merger, loaded_rules = load_merging(self.model, tok, merger, rules)
         self.merge = merge
         self.umim = MergedLM(self.model, tok, loaded_merger, loaded_rules)
         self.compressor, self.ratio = compressor, self._check_ratio(compressor, ratio, loaded_rules)
@@ -148,9 +138,11 @@ class UMIMLM(HFLM):
         from umim_eval.methods.registry import method_class
 
         try:
-            method_class(compressor)  # unknown names fail here, before any request
+            cls = method_class(compressor)  # unknown names fail here, before any request
         except (KeyError, ValueError) as e:
             raise ModelArgsError(f"compressor={compressor}: {one_line(e)}") from e
+        if cls.kind == "kv_policy":  # loglikelihood needs the argmax of every continuation token
+            raise ModelArgsError(f"compressor={compressor} is a KV-cache policy; QA scoring takes prompt methods")
         ratio = "umim" if ratio is None and rules is not None else ratio
         if ratio is None or (ratio == "umim" and rules is None):
             raise ModelArgsError("compressor= needs ratio= (a TR in [0, 1), or umim with rules=/run_dir=)")
@@ -281,34 +273,20 @@ class UMIMLM(HFLM):
     @torch.no_grad()
     def _compressed_loglikelihood_tokens(self, requests, disable_tqdm: bool):
         """Context reduced by ``self.compressor`` (per request), continuation unmerged."""
-        from umim_eval.methods.registry import is_kv_policy, make_method
-        from umim_eval.scoring.policy_generate import eager_attention
-        from umim_eval.scoring.prompt_inputs import prompt_inputs
+        from umim_eval.methods.registry import make_method
 
-        res, reduced = [], {}
+        res = []
         for key, ctx, cont in tqdm(requests, disable=disable_tqdm or self.rank != 0,
                                    desc=f"Running loglikelihood requests ({self.compressor})"):
             full = (ctx + cont)[-(self.max_length + 1):]  # HFLM's left truncation
             ctx = full[: len(full) - len(cont)]
-            ratio = 1.0 - len(self.umim.rules.segment(ctx)) / len(ctx) if self.ratio == "umim" else self.ratio
             if self._method is None:  # built once (a method may load a model), re-aimed per request
                 self._method = make_method(self.compressor, 0.0, merged_lm=self.umim, **self.compressor_options)
-            method = self._method
-            if method.ratio is not None:
-                method.ratio = ratio
-            if is_kv_policy(method):
-                raise ValueError(f"{self.compressor} is a KV-cache policy; QA scoring takes prompt compressors")
-            key_ctx = (tuple(ctx), ratio)  # the choices of one question share their context
-            if key_ctx not in reduced:
-                with eager_attention(self.model, getattr(method, "needs_attentions", False)):
-                    reduced = {key_ctx: prompt_inputs(method, self.model, self.tokenizer, ctx)}
-            inp = reduced[key_ctx]
-            tgt = torch.tensor(list(cont), device=self.device)
-            x = torch.cat([inp.embeds, self.model.get_input_embeddings()(tgt[:-1])])
-            logits = self.model(inputs_embeds=x[None]).logits[0, inp.n_fed - 1 :]
-            answer = (-float(token_nll(logits, tgt).sum()), bool((logits.argmax(-1) == tgt).all()))
+            self._method.aim(self.umim.token_reduction(ctx) if self.ratio == "umim" else self.ratio)
+            s = self._method.score_continuation(self.umim, ctx, cont)  # the options of a question share ctx
+            answer = (-float(s.nll.sum()), s.greedy)
             res.append(answer)
-            self._count(self._kind, len(ctx) + len(cont) - 1, inp.n_fed + len(cont) - 1)
+            self._count(self._kind, len(ctx) + len(cont) - 1, len(ctx) - round(s.tr * len(ctx)) + len(cont) - 1)
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return res

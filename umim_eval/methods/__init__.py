@@ -1,25 +1,28 @@
-"""Context-reduction methods at matched token reduction (paper Sec. 4.4, App. F.2), each a small
-class with one knob, ``ratio`` (the target token reduction in the target LM's tokens):
+"""Context-reduction methods at matched token reduction (paper Sec. 4.4, App. F.2): one class per
+method under the contract of :mod:`umim_eval.methods.base` (name, label, kind, one knob ``ratio``;
+``from_run``, ``score_continuation``, ``generate``), named through :mod:`umim_eval.methods.registry`.
 
-* prompt compressors (:class:`SelectContext`, :class:`LLMLingua1`, :class:`LLMLingua2`) drop
-  tokens and return a :class:`CompressedPrompt`;
+* prompt compressors (:class:`SelectContext`, :class:`LLMLingua1`, :class:`LLMLingua2`, and the base
+  LM as :class:`~.no_reduction.NoReduction`) drop tokens and return a :class:`CompressedPrompt`;
 * prompt mergers (:class:`~.umim_merge.UMIMMerge`, :class:`~.umim_budget.UMIMBudget`,
   :class:`~.quickmerge.QuickMerge`, :class:`~.ktoken_merge.KTokenMerge`) merge contiguous groups
   into embeddings and return a :class:`MergedPrompt`;
-* KV policies (:class:`StreamingLLM`, :class:`H2O`) evict cache entries; they are scored with
-  :func:`policy_nll` and decode with :func:`~.policy_generate.policy_generate`.
+* KV policies (:class:`StreamingLLM`, :class:`H2O`) evict cache entries while the LM reads.
 
-Methods whose native knob is not in tokens are matched to a TR with :func:`match_tr`. Runners name
-methods through :mod:`umim_eval.methods.registry`; :data:`BASELINES` holds the baselines that are built from
-``ratio`` alone.
+Methods whose native knob is not in tokens are matched to a TR with :func:`match_tr`;
+:data:`BASELINES` holds the baselines that are built from ``ratio`` alone.
 """
 
 from umim_eval.methods.base import (
            CompressedPrompt,
+           ContinuationScore,
+           Generated,
            KVPolicy,
            MergedPrompt,
+           Method,
            PromptCompressor,
            PromptMerger,
+           PromptMethod,
            Scored,
            achieved_tr,
 )
@@ -28,11 +31,9 @@ from umim_eval.methods.llmlingua1 import LLMLingua1
 from umim_eval.methods.llmlingua2 import LLMLingua2
 from umim_eval.methods.match_tr import match_tr
 from umim_eval.methods.registry import (
-           LABELS,
            METHODS,
-           USES_MERGED_LM,
            check_methods,
-           is_kv_policy,
+           label,
            make_method,
            method_class,
 )
@@ -45,24 +46,29 @@ BASELINES = {cls.name: cls for cls in (SelectContext, LLMLingua1, LLMLingua2, St
 """name -> class; every class is built as ``BASELINES[name](ratio=r)``."""
 
 __all__ = [
-           "BASELINES",
-           "H2O",
-           "CompressedPrompt",
-           "KVPolicy",
-           "LLMLingua1",
-           "LLMLingua2",
-           "MergedPrompt",
-           "PolicyNLL",
-           "PromptCompressor",
-           "PromptMerger",
-           "Scored",
-           "SelectContext",
-           "StreamingLLM",
-           "achieved_tr",
-           "continuation_nll",
-           "match_tr",
-           "policy_nll",
-           "self_information",
-           "visible_mask",
-           "LABELS", "METHODS", "USES_MERGED_LM", "check_methods", "is_kv_policy", "make_method", "method_class",
+    "BASELINES",
+    "METHODS",
+    "achieved_tr",
+    "check_methods",
+    "CompressedPrompt",
+    "continuation_nll",
+    "ContinuationScore",
+    "Generated",
+    "KVPolicy",
+    "label",
+    "make_method",
+    "match_tr",
+    "MergedPrompt",
+    "Method",
+    "method_class",
+    "policy_nll",
+    "PolicyNLL",
+    "PromptCompressor",
+    "PromptMerger",
+    "PromptMethod",
+    "Scored",
+    "SelectContext",
+    "self_information",
+    "StreamingLLM",
+    "visible_mask",
 ]

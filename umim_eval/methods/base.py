@@ -1,7 +1,12 @@
-"""The one interface every context-reduction baseline implements, and the one knob they share.
+"""The one contract every context-reduction method implements, and the one knob they share.
 
-Two kinds of baselines (paper Sec. 4.4, App. F.2) are compared with UMIM at a matched token
-reduction (TR), always measured in the target LM's own tokens:
+Every method (kvpress-style: one small class per method) carries its ``name`` (the registry key),
+``label`` (its row in result tables), ``kind`` and its knob ``ratio``, the target token reduction (TR)
+always measured in the target LM's own tokens (``None``: the method's TR is fixed, e.g. UMIM's
+rules or the base LM). It is built from a loaded run with :meth:`Method.from_run` and implements the
+two operations every runner needs: :meth:`Method.score_continuation` (NLL of a continuation after
+the reduced context) and :meth:`Method.generate` (texts from reduced prompts). Three kinds
+(paper Sec. 4.4, App. F.2):
 
 * :class:`PromptCompressor` (Select Context, LLMLingua): drops prompt tokens before the LM runs;
   ``TR = 1 - kept / original`` prompt tokens (:attr:`CompressedPrompt.tr`).
@@ -11,13 +16,14 @@ reduction (TR), always measured in the target LM's own tokens:
   down to a budget after every step; ``TR = 1 - cache entries / tokens seen``, the same ratio as
   UMIM's ``GenerationResult.token_reduction`` (``1 - kv_len_final / kv_len_unmerged``).
 
-Both carry the same single knob, ``ratio``: the target TR. Methods whose native knob is not in
-tokens (an LLMLingua rate, a self-information threshold) are driven to a target TR with
-:func:`umim_eval.methods.match_tr.match_tr`.
+Methods whose native knob is not in tokens (an LLMLingua rate, a self-information threshold) are
+driven to a target TR with :func:`umim_eval.methods.match_tr.match_tr`. A new method is one file
+with one class plus one line in :data:`umim_eval.methods.registry.METHODS`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -26,6 +32,12 @@ from typing import ClassVar
 import torch
 
 from umim.errors import UserError
+from umim_eval.scoring.prompt_inputs import (
+    PromptInputs,
+    continuation_logits,
+    generate_from,
+)
+from umim_eval.scoring.token_nll import token_nll
 
 SCHEDULES = ("proportional", "fixed", "prompt")
 
@@ -78,15 +90,154 @@ class Scored:
     score: float
 
 
-class PromptCompressor(ABC):
+@dataclass
+class ContinuationScore:
+    """A continuation scored after a reduced context."""
+
+    nll: torch.Tensor
+    """[C] float64 NLL (nats) of each continuation token."""
+    tr: float
+    """Achieved TR on the context (removed positions or evicted entries / context tokens)."""
+    greedy: bool | None = None
+    """Every continuation token is the argmax (None where the method does not expose logits)."""
+
+
+@dataclass
+class Generated:
+    """One generated text and the TR it was generated at."""
+
+    ids: list[int]
+    """New token ids (EOS excluded)."""
+    tr: float
+    """Achieved TR on the prompt scale: removed prompt positions (or evicted entries) / prompt tokens."""
+
+
+def model_context(lm) -> int:
+    """The LM's context in positions (0 when its config does not say)."""
+    return int(getattr(lm.config, "max_position_embeddings", 0) or getattr(lm.config, "n_positions", 0) or 0)
+
+
+class Method(ABC):
+    """A context-reduction method (see the module docstring)."""
+
+    name: ClassVar[str]
+    """Registry key, e.g. ``"h2o"``."""
+    label: ClassVar[str]
+    """Row label in result tables, e.g. ``"H2O"``."""
+    kind: ClassVar[str]
+    """``"prompt_compressor"``, ``"prompt_merger"`` or ``"kv_policy"``."""
+    needs_attentions: ClassVar[bool] = False
+    """True: the LM runs with eager attention while the method reads attention weights."""
+    fixed_tr: ClassVar[bool] = False
+    """True: the method has no TR knob (the base LM, UMIM's fixed rules); runners report the TR it
+    achieves as its target."""
+    uses_merging: ClassVar[bool] = False
+    """True: built on the run's merger and rules (UMIM's own methods)."""
+    ratio: float | None
+    """The knob: target TR in [0, 1); ``None`` when the method's TR is fixed."""
+
+    @classmethod
+    def from_run(cls, run, ratio: float = 0.0, **options) -> Method:
+        """Build for a loaded run (:class:`umim.inference.generation.MergedLM`: target LM, tokenizer,
+        and merger + rules when it has them) at target TR ``ratio``."""
+        return cls(ratio=ratio, **options)
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Refuse unknown options (and missing trained folders) before any model is loaded."""
+        known = set(inspect.signature(cls.from_run if "from_run" in cls.__dict__ else cls).parameters)
+        unknown = sorted(set(options) - known - {"run", "ratio", "merged_lm"})
+        if unknown:
+            raise UserError(f"method_options of {cls.name!r}: unknown option(s) {unknown}")
+
+    def aim(self, ratio: float) -> None:
+        """Re-aim at target TR ``ratio`` (a method with a fixed TR ignores it)."""
+        if self.ratio is not None:
+            self.ratio = float(ratio)
+
+    @abstractmethod
+    def score_continuation(self, run, context: list[int], target: list[int]) -> ContinuationScore:
+        """The target tokens' NLL after the reduced ``context`` (targets fed unreduced, one position each)."""
+
+    @abstractmethod
+    def generate(self, run, prompts: list[list[int]], targets: list[float], sampling, n_samples: int = 1,
+                 batch_size: int = 1, kv_prefill: str = "full", progress: bool = False) -> list[list[Generated]]:
+        """``n_samples`` texts per prompt, prompt ``i`` reduced to TR ``targets[i]``; [N][n_samples].
+
+        With ``sampling.do_sample`` and a ``seed``, the RNG is reseeded per batch (prompt methods) or per
+        text (KV policies), so methods see the same random stream."""
+
+
+class PromptMethod(Method):
+    """A method that changes the prompt (drops or merges tokens); the LM then runs unchanged."""
+
+    @abstractmethod
+    def inputs(self, lm, tokenizer, prompt_ids: list[int]) -> PromptInputs:
+        """[S, d] embeddings the LM is fed for one prompt, plus its original length."""
+
+    def _inputs(self, run, prompt_ids: list[int]) -> PromptInputs:
+        """:meth:`inputs` under eager attention when needed; the last result is kept, because the
+        options of one question share their context."""
+        key = (tuple(prompt_ids), self.ratio, id(run.lm))
+        if getattr(self, "_last", (None,))[0] != key:
+            if not prompt_ids:
+                raise UserError("empty prompt: give at least one token")
+            from umim_eval.scoring.policy_generate import eager_attention
+
+            with eager_attention(run.lm, self.needs_attentions):
+                self._last = (key, self.inputs(run.lm, run.tokenizer, list(prompt_ids)))
+        return self._last[1]
+
+    def score_continuation(self, run, context: list[int], target: list[int]) -> ContinuationScore:
+        inp = self._inputs(run, context)
+        logits = continuation_logits(run.lm, inp, target)
+        tgt = torch.tensor(list(target), device=logits.device)
+        return ContinuationScore(token_nll(logits, tgt).cpu(), inp.tr, bool((logits.argmax(-1) == tgt).all()))
+
+    def generate(self, run, prompts, targets, sampling, n_samples=1, batch_size=1, kv_prefill="full",
+                 progress=False):
+        from tqdm.auto import tqdm
+
+        G, context, eos = sampling.max_new_tokens, model_context(run.lm), sampling.eos_token_id
+        inputs = []
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            self.aim(t)
+            inp = self._inputs(run, p)
+            if context and inp.n_fed + G > context:
+                raise UserError(f"prompt {i}: {inp.n_fed} positions + {G} new exceed the model's context {context}")
+            inputs.append(inp)
+        out: list[list[Generated]] = [[] for _ in prompts]
+        items = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
+        tok = run.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else None)
+        for b in tqdm(range(0, len(items), batch_size), desc=self.name, disable=not progress, leave=False):
+            chunk = items[b : b + batch_size]
+            if sampling.do_sample and sampling.seed is not None:
+                torch.manual_seed(sampling.seed + b)
+            texts = generate_from(run.lm, [inputs[i] for i, _ in chunk], G, do_sample=sampling.do_sample,
+                                  temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=eos,
+                                  pad_token_id=pad)
+            for (i, _), ids in zip(chunk, texts):
+                out[i].append(Generated(ids, inputs[i].tr))
+        return out
+
+
+class PromptCompressor(PromptMethod):
     """Drops prompt tokens; ``ratio`` is the fraction of the prompt's LM tokens to remove."""
 
     name: ClassVar[str] = "prompt-compressor"
+    kind: ClassVar[str] = "prompt_compressor"
     ratio: float
 
     @abstractmethod
     def compress(self, lm, tokenizer, prompt_ids: list[int]) -> CompressedPrompt:
         """Compress one prompt (token ids of ``lm``'s tokenizer) to about ``(1 - ratio)`` of its tokens."""
+
+    def inputs(self, lm, tokenizer, prompt_ids: list[int]) -> PromptInputs:
+        kept = self.compress(lm, tokenizer, list(prompt_ids)).ids
+        with torch.no_grad():
+            embeds = lm.get_input_embeddings()(torch.tensor(kept, device=lm.device))
+        return PromptInputs(embeds=embeds, n_original=len(prompt_ids))
 
 
 @dataclass
@@ -105,11 +256,12 @@ class MergedPrompt:
         return achieved_tr(len(self.segments), self.n_original)
 
 
-class PromptMerger(ABC):
+class PromptMerger(PromptMethod):
     """Merges contiguous prompt tokens into single embeddings; ``ratio`` is the target TR
     (``None`` for methods whose TR is fixed by their rules, e.g. UMIM with its mined rules)."""
 
     name: ClassVar[str] = "prompt-merger"
+    kind: ClassVar[str] = "prompt_merger"
     ratio: float | None
 
     @abstractmethod
@@ -117,16 +269,25 @@ class PromptMerger(ABC):
         """Merge one prompt (token ids of ``lm``'s tokenizer). Never merges across padding: the
         input is one unpadded prompt."""
 
+    def inputs(self, lm, tokenizer, prompt_ids: list[int]) -> PromptInputs:
+        mp = self.merge(lm, tokenizer, list(prompt_ids))
+        dtype = lm.get_input_embeddings().weight.dtype
+        return PromptInputs(embeds=mp.embeds.to(device=lm.device, dtype=dtype), n_original=len(prompt_ids))
 
-class KVPolicy(ABC):
+
+class KVPolicy(Method):
     """Evicts KV-cache entries; ``ratio`` is the fraction of seen tokens NOT held in the cache.
 
     The driver (:func:`umim_eval.scoring.policy_nll.policy_nll`) feeds one token per step, then
     asks the policy which slots to keep whenever the cache is over budget. Slots carry their
-    original positions (``pos``), so policies reason in positions, not in slot numbers.
+    original positions (``pos``), so policies reason in positions, not in slot numbers. Runners use
+    the ``prompt`` budget schedule: only the context is reduced, by ``round(ratio * P)`` entries, and
+    every later token adds one entry, so each continuation token sees as many entries as after a
+    context reduced to TR ``ratio``.
     """
 
     name: ClassVar[str] = "kv-policy"
+    kind: ClassVar[str] = "kv_policy"
     needs_attentions: ClassVar[bool] = False
     """True: the driver passes each step's attention weights to :meth:`observe` (eager attention)."""
     content_free: ClassVar[bool] = False
@@ -161,6 +322,44 @@ class KVPolicy(ABC):
         else:
             raise UserError(f"unknown budget schedule {schedule!r}; choose from {SCHEDULES}")
         return min(n_seen, max(raw, self.min_entries))
+
+    def score_continuation(self, run, context: list[int], target: list[int]) -> ContinuationScore:
+        from umim_eval.scoring.policy_generate import eager_attention
+        from umim_eval.scoring.policy_nll import policy_nll
+
+        if not context or not target:
+            raise UserError("need a non-empty context and a non-empty target")
+        P, C = len(context), len(target)
+        with eager_attention(run.lm, self.needs_attentions):
+            r = policy_nll(run.lm, list(context) + list(target), self, schedule="prompt", prompt_len=P)
+        evicted = (P + C - 1) - int(r.cache_len[-1])
+        return ContinuationScore(r.token_nll[0, P:], evicted / P)
+
+    def generate(self, run, prompts, targets, sampling, n_samples=1, batch_size=1, kv_prefill="full",
+                 progress=False):
+        from dataclasses import asdict
+
+        from tqdm.auto import tqdm
+
+        from umim_eval.scoring.policy_generate import eager_attention, policy_generate
+
+        G, context = sampling.max_new_tokens, model_context(run.lm)
+        out: list[list[Generated]] = [[] for _ in prompts]
+        bar = tqdm(total=len(prompts) * n_samples, desc=self.name, disable=not progress, leave=False)
+        with eager_attention(run.lm, self.needs_attentions):
+            for i, (p, t) in enumerate(zip(prompts, targets)):
+                P = len(p)
+                if context and P + G > context:
+                    raise UserError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
+                self.aim(t)  # the prompt reduced by t, the generation kept (schedule "prompt")
+                for s in range(n_samples):
+                    seed = None if sampling.seed is None else sampling.seed + i * n_samples + s
+                    cfg = type(sampling)(**{**asdict(sampling), "seed": seed})
+                    r = policy_generate(run.lm, p, self, cfg, schedule="prompt", prefill=kv_prefill)
+                    out[i].append(Generated(r.generated_ids, (r.n_seen - r.cache_len) / P))
+                    bar.update()
+        bar.close()
+        return out
 
     @property
     def min_entries(self) -> int:

@@ -33,6 +33,7 @@ class H2O(KVPolicy):
     ratio: float = 0.0
     recent_fraction: float = 0.5
     name: ClassVar[str] = "h2o"
+    label: ClassVar[str] = "H2O"
     needs_attentions: ClassVar[bool] = True
     scores: dict = field(default_factory=dict, repr=False)
     """layer -> [B, H_kv, T] float accumulated attention of each cached slot."""

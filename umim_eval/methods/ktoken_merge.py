@@ -46,6 +46,7 @@ class KTokenMerge(PromptMerger):
     ratio: float = 0.0
     adapted_lm: torch.nn.Module | None = None
     name: ClassVar[str] = "ktoken"
+    label: ClassVar[str] = "K-Token Merging"
 
     def __post_init__(self):
         check_ratio(self.ratio)
@@ -59,6 +60,23 @@ class KTokenMerge(PromptMerger):
     @property
     def k(self) -> int:
         return self.encoder.config.k
+
+    @classmethod
+    def from_run(cls, run, ratio: float = 0.0, path: str | Path | None = None) -> KTokenMerge:
+        """The trained encoder folder ``path`` for the run's LM (see :meth:`load`)."""
+        cls.check_options({"path": path})
+        return cls.load(path, run.lm, run.tokenizer, ratio=ratio)
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        path = options.get("path")
+        if path is None:
+            raise UserError("method 'ktoken' needs method_options {ktoken: {path: FOLDER}} (a trained encoder; "
+                            "umim fit --config conf/ktoken.yaml writes runs/ktoken/ktoken)")
+        if not Path(path).is_dir():
+            raise UserError(f"method 'ktoken': no trained encoder at {path} (run umim fit --config conf/ktoken.yaml "
+                            "or drop ktoken from methods)")
 
     @classmethod
     def load(cls, path: str | Path, lm, tokenizer=None, ratio: float = 0.0) -> KTokenMerge:

@@ -207,6 +207,7 @@ class LLMLingua1(PromptCompressor):
     strict: bool = True
     max_iter: int = 16
     name: ClassVar[str] = "llmlingua1"
+    label: ClassVar[str] = "LLMLingua1"
 
     def __post_init__(self):
         self.ratio = check_ratio(self.ratio)

@@ -183,6 +183,7 @@ class LLMLingua2(PromptCompressor):
     tr_tolerance: float = 0.02
     strict: bool = True
     name: ClassVar[str] = "llmlingua2"
+    label: ClassVar[str] = "LLMLingua2"
 
     def __post_init__(self):
         self.ratio = check_ratio(self.ratio)

@@ -142,6 +142,7 @@ class QuickMerge(PromptMerger):
     alpha: float = ALPHA
     epsilon: float = EPSILON
     name: ClassVar[str] = "quickmerge"
+    label: ClassVar[str] = "QuickMerge++"
     needs_attentions: ClassVar[bool] = True
     """Runners switch the LM to eager attention around :meth:`merge` (see ``umim_eval.tasks.compare``)."""
 

@@ -44,6 +44,7 @@ class SelectContext(PromptCompressor):
 
     ratio: float = 0.0
     name: ClassVar[str] = "select_context"
+    label: ClassVar[str] = "Select Context"
 
     def __post_init__(self):
         self.ratio = check_ratio(self.ratio)

@@ -38,6 +38,7 @@ class StreamingLLM(KVPolicy):
     ratio: float = 0.0
     n_sink: int = 4
     name: ClassVar[str] = "streaming_llm"
+    label: ClassVar[str] = "StreamingLLM"
     content_free: ClassVar[bool] = True
 
     def __post_init__(self):

@@ -104,15 +104,25 @@ class UMIMBudget(PromptMerger):
     alignment: dict | str | Path | None = None
     split_matches: bool = True
     name: ClassVar[str] = "umim_budget"
+    label: ClassVar[str] = "UMIM, adaptive budget"
+    uses_merging: ClassVar[bool] = True
     _table: dict = field(default=None, init=False, repr=False)
     _align: dict = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_run(cls, run: MergedLM, ratio: float = 0.0, score: str = "count", alignment: dict | str | Path | None = None,
+                 split_matches: bool = True) -> UMIMBudget:
+        """The run's merger and rules at target TR ``ratio``."""
+        if run is None:
+            raise UserError("method 'umim_budget' needs a merger and rules (run_dir, or merger + rules)")
+        run.require_merging("method 'umim_budget'")
+        return cls(merged_lm=run, ratio=ratio, score=score, alignment=alignment, split_matches=split_matches)
 
     def __post_init__(self):
         check_ratio(self.ratio)
         if self.score not in SCORES:
             raise UserError(f"unknown score {self.score!r}; choose from {SCORES}")
-        if self.merged_lm.rules is None or self.merged_lm.merger is None:
-            raise UserError("UMIM budget merging needs a MergedLM with a merger and rules")
+        self.merged_lm.require_merging("UMIM budget merging")
         if self.score == "alignment":
             if self.alignment is None:
                 raise UserError("score='alignment' needs per-rule scores: pass alignment=dict or a JSON file")

@@ -25,10 +25,20 @@ class UMIMMerge(PromptMerger):
     merged_lm: MergedLM
     ratio: float | None = None
     name: ClassVar[str] = "umim"
+    label: ClassVar[str] = "Merge Module (UMIM)"
+    uses_merging: ClassVar[bool] = True
+    fixed_tr: ClassVar[bool] = True
+
+    @classmethod
+    def from_run(cls, run: MergedLM, ratio: float = 0.0) -> UMIMMerge:
+        """The run's merger and rules; ``ratio`` is ignored (the rules fix the TR)."""
+        if run is None:
+            raise UserError("method 'umim' needs a merger and rules (run_dir, or merger + rules)")
+        run.require_merging("method 'umim'")
+        return cls(merged_lm=run)
 
     def merge(self, lm, tokenizer, prompt_ids: list[int]) -> MergedPrompt:
-        if self.merged_lm.rules is None or self.merged_lm.merger is None:
-            raise UserError("UMIM merging needs a merger and rules")
+        self.merged_lm.require_merging("UMIM merging")
         ids = list(prompt_ids)
         segments = self.merged_lm.rules.segment(ids)
         return MergedPrompt(embeds=self.merged_lm.segment_embeds(ids, segments), segments=segments, n_original=len(ids))

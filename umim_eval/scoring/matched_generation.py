@@ -5,26 +5,20 @@ same prompts, driven to per-prompt target TRs (:func:`match_targets`): prompt me
 :func:`umim_eval.scoring.prompt_inputs.prompt_inputs` and Hugging Face ``generate``
 (:func:`umim_eval.scoring.prompt_inputs.generate_from`), KV policies through
 :func:`umim_eval.scoring.policy_generate.policy_generate` with the ``prompt`` budget schedule (only
-the prompt is reduced; every generated token adds one cache entry). Also: loading records from the
-hub, a ``.jsonl`` file or a built-in offline set (:func:`load_records`), and the LM + merger + rules
-(:func:`load_merged_lm`).
+the prompt is reduced; every generated token adds one cache entry) — each method's
+:meth:`~umim_eval.methods.base.Method.generate`. Also: loading records from the hub, a ``.jsonl``
+file or a built-in offline set (:func:`load_records`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
 
 from umim.errors import UserError
 from umim.inference.generation import MergedLM, SamplingConfig
-from umim.lm import LMSpec
-from umim_eval.methods.registry import check_methods, is_kv_policy, make_method
-from umim_eval.scoring.policy_generate import eager_attention, policy_generate
-from umim_eval.scoring.prompt_inputs import generate_from, prompt_inputs
+from umim_eval.methods.base import Generated
+from umim_eval.methods.registry import check_methods, make_method, method_class
 
 MATCHES = ("per_example", "mean", "fixed")
 """How targets are set: UMIM's TR per prompt, UMIM's mean TR, or a fixed ``ratio``."""
@@ -85,12 +79,12 @@ def load_records(data: str, split: str, fields: list[str], n: int | None = None)
     return out
 
 
-def load_merged_lm(lm: str, dtype: str = "float32", device: str | None = None, run_dir=None, merger=None,
-                   rules=None, need_merger: bool = False) -> MergedLM:
-    """The target LM (plus merger and rules when given) on ``device`` (default CUDA when available)."""
-    if need_merger and run_dir is None and (merger is None or rules is None):
-        raise UserError("umim (and UMIM matching) needs a merger and rules: set run_dir, or merger and rules")
-    return MergedLM.load(LMSpec(lm, dtype=dtype), merger=merger, rules=rules, run_dir=run_dir, device=device)
+def needs_merging(methods, match: str) -> str | None:
+    """What in a matched run needs UMIM's merger and rules (None: nothing)."""
+    uses = [n for n in methods if method_class(n).uses_merging]
+    if uses:
+        return f"method {uses[0]!r}"
+    return f'match="{match}" (or use match="fixed" with ratio)' if match != "fixed" else None
 
 
 def check_match(match: str, ratio: float | None) -> None:
@@ -114,25 +108,9 @@ def match_targets(match: str, ratio: float | None, m: MergedLM, prompts: list[li
     check_match(match, ratio)
     if match == "fixed":
         return [float(ratio)] * len(prompts)
-    if m.merger is None or m.rules is None:
-        raise UserError(f'match="{match}" needs UMIM\'s merger and rules (run_dir), or use match="fixed" with ratio')
-    # the segmentation UMIMMerge uses, without embedding anything
-    trs = [1.0 - len(m.rules.segment(list(p))) / len(p) for p in prompts]
+    m.require_merging(f'match="{match}" (or use match="fixed" with ratio)')
+    trs = [m.token_reduction(p) for p in prompts]  # the segmentation UMIMMerge uses, nothing embedded
     return trs if match == "per_example" else [sum(trs) / len(trs)] * len(prompts)
-
-
-@dataclass
-class Generated:
-    """One generated text and the TR it was generated at."""
-
-    ids: list[int]
-    """New token ids (EOS excluded)."""
-    tr: float
-    """Achieved TR on the prompt scale: removed prompt positions (or evicted entries) / prompt tokens."""
-
-
-def model_context(lm) -> int:
-    return int(getattr(lm.config, "max_position_embeddings", 0) or getattr(lm.config, "n_positions", 0) or 0)
 
 
 def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: list[float],
@@ -159,49 +137,7 @@ def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: 
     """
     if len(targets) != len(prompts):
         raise UserError(f"{len(prompts)} prompts but {len(targets)} targets")
-    opts = dict(options or {})
-    lm, tok, G = m.lm, m.tokenizer, sampling.max_new_tokens
-    context = model_context(lm)
-    eos = sampling.eos_token_id
-    out: list[list[Generated]] = [[] for _ in prompts]
     # built once (a compressor may load a model), then re-aimed per prompt through its ratio knob
-    method = make_method(name, 0.0, merged_lm=m, **opts)
-    driven = method is not None and getattr(method, "ratio", None) is not None
-    if is_kv_policy(method):
-        bar = tqdm(total=len(prompts) * n_samples, desc=name, disable=not progress, leave=False)
-        with eager_attention(lm, method.needs_attentions):
-            for i, (p, t) in enumerate(zip(prompts, targets)):
-                P = len(p)
-                if context and P + G > context:
-                    raise UserError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
-                policy = method
-                policy.ratio = t  # the prompt reduced by t, the generation kept (schedule "prompt")
-                for s in range(n_samples):
-                    seed = None if sampling.seed is None else sampling.seed + i * n_samples + s
-                    cfg = SamplingConfig(**{**asdict(sampling), "seed": seed})
-                    r = policy_generate(lm, p, policy, cfg, schedule="prompt", prefill=kv_prefill)
-                    out[i].append(Generated(r.generated_ids, (r.n_seen - r.cache_len) / P))
-                    bar.update()
-        bar.close()
-        return out
-
-    inputs = []
-    for i, (p, t) in enumerate(zip(prompts, targets)):
-        if driven:
-            method.ratio = float(t)
-        inp = prompt_inputs(method, lm, tok, p)
-        if context and inp.n_fed + G > context:
-            raise UserError(f"prompt {i}: {inp.n_fed} positions + {G} new exceed the model's context {context}")
-        inputs.append(inp)
-    items = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else None)
-    for b in tqdm(range(0, len(items), batch_size), desc=name, disable=not progress, leave=False):
-        chunk = items[b : b + batch_size]
-        if sampling.do_sample and sampling.seed is not None:
-            torch.manual_seed(sampling.seed + b)
-        texts = generate_from(lm, [inputs[i] for i, _ in chunk], G, do_sample=sampling.do_sample,
-                              temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=eos,
-                              pad_token_id=pad)
-        for (i, _), ids in zip(chunk, texts):
-            out[i].append(Generated(ids, inputs[i].tr))
-    return out
+    method = make_method(name, 0.0, merged_lm=m, **dict(options or {}))
+    return method.generate(m, prompts, targets, sampling, n_samples=n_samples, batch_size=batch_size,
+                           kv_prefill=kv_prefill, progress=progress)

@@ -1,9 +1,8 @@
 """What the LM is fed after a prompt method ran, and the two things every runner does with it:
 score a continuation, or generate from it.
 
-A *method* is ``None`` (the base LM), a :class:`~umim_eval.methods.base.PromptCompressor`
-(drops tokens) or a :class:`~umim_eval.methods.base.PromptMerger` (merges groups into single
-embeddings). Either way the prompt becomes ``[S, d]`` input embeddings at contiguous positions
+A prompt method (:class:`~umim_eval.methods.base.PromptMethod`: drops tokens or merges groups into
+single embeddings) turns a prompt into :class:`PromptInputs` with its ``inputs``. Either way the prompt becomes ``[S, d]`` input embeddings at contiguous positions
 ``0 .. S-1`` plus its achieved TR, so scoring and generation are the same code for all of them.
 KV-cache policies do not change the prompt; they act during decoding
 (:mod:`umim_eval.scoring.policy_nll`, :mod:`umim_eval.scoring.policy_generate`).
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from umim.errors import UserError
-from umim_eval.methods.base import PromptCompressor, PromptMerger
 from umim_eval.scoring.token_nll import token_nll
 
 
@@ -40,34 +38,31 @@ class PromptInputs:
 
 @torch.no_grad()
 def prompt_inputs(method, lm, tokenizer, prompt_ids: list[int]) -> PromptInputs:
-    """Run ``method`` on one prompt (``None``: unchanged) and embed the result: [S, d]."""
+    """Run prompt ``method`` on one prompt (``None``: unchanged) and embed the result: [S, d]."""
     ids = list(prompt_ids)
     if not ids:
         raise UserError("empty prompt: give at least one token")
-    embed = lm.get_input_embeddings()
-    if method is None:
-        kept = ids
-    elif isinstance(method, PromptMerger):
-        mp = method.merge(lm, tokenizer, ids)
-        return PromptInputs(embeds=mp.embeds.to(device=lm.device, dtype=embed.weight.dtype), n_original=len(ids))
-    elif isinstance(method, PromptCompressor):
-        kept = method.compress(lm, tokenizer, ids).ids
-    else:
-        raise TypeError(f"{type(method).__name__} is not a prompt method (PromptCompressor or PromptMerger)")
-    return PromptInputs(embeds=embed(torch.tensor(kept, device=lm.device)), n_original=len(ids))
+    if method is not None:
+        return method.inputs(lm, tokenizer, ids)
+    return PromptInputs(embeds=lm.get_input_embeddings()(torch.tensor(ids, device=lm.device)), n_original=len(ids))
 
 
 @torch.no_grad()
-def continuation_nll_from(lm, prompt: PromptInputs, target_ids: list[int]) -> torch.Tensor:
-    """[C] float64 NLL (nats) of each target token after the fed prompt (targets unmerged, one
+def continuation_logits(lm, prompt: PromptInputs, target_ids: list[int]) -> torch.Tensor:
+    """[C, V] logits that predict each target token after the fed prompt (targets unmerged, one
     position each, contiguous with the prompt's compressed positions)."""
     if not target_ids:
         raise UserError("empty target")
     tgt = torch.tensor(list(target_ids), device=lm.device)
     x = torch.cat([prompt.embeds, lm.get_input_embeddings()(tgt[:-1])])[None]
-    S = prompt.n_fed
-    logits = lm(inputs_embeds=x, position_ids=torch.arange(x.shape[1], device=lm.device)[None]).logits[0, S - 1 :]
-    return token_nll(logits, tgt).cpu()
+    return lm(inputs_embeds=x, position_ids=torch.arange(x.shape[1], device=lm.device)[None]).logits[0, prompt.n_fed - 1 :]
+
+
+@torch.no_grad()
+def continuation_nll_from(lm, prompt: PromptInputs, target_ids: list[int]) -> torch.Tensor:
+    """[C] float64 NLL (nats) of each target token after the fed prompt."""
+    logits = continuation_logits(lm, prompt, target_ids)
+    return token_nll(logits, torch.tensor(list(target_ids), device=logits.device)).cpu()
 
 
 @torch.no_grad()

@@ -30,30 +30,16 @@ from tqdm.auto import tqdm
 
 from umim.errors import UserError
 from umim.inference.generation import MergedLM
-from umim.lm import LMSpec
 from umim.rules.corpus import load_documents
-from umim_eval.methods.registry import LABELS, check_methods, is_kv_policy, make_method
+from umim_eval.methods.registry import check_methods, label, make_method
 from umim_eval.results import Journal, fmt, markdown_table, pct
-from umim_eval.scoring.policy_generate import eager_attention
-from umim_eval.scoring.prompt_inputs import continuation_nll_from, prompt_inputs
+from umim_eval.tasks.config import TaskConfig
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(TaskConfig):
     """Settings of ``umim-eval compare``."""
 
-    lm: str = "embedded"
-    """Target LM: hub id, local folder, or "embedded"."""
-    dtype: str = "float32"
-    """LM weights dtype: float32, bfloat16 or float16."""
-    device: str | None = None
-    """Torch device of the LM and merger; default CUDA when available, else CPU."""
-    run_dir: str | None = None
-    """A ``umim fit`` output folder holding ``merger/`` and ``rules/``."""
-    merger: str | None = None
-    """Merger folder (overrides ``run_dir/merger``)."""
-    rules: str | None = None
-    """Rules folder (overrides ``run_dir/rules``)."""
     data: str = "hf:Salesforce/wikitext:wikitext-103-raw-v1"
     """Corpus spec of the test documents (``hf:PATH[:CONFIG]``, ``pydoc``, a local file)."""
     split: str = "test"
@@ -70,8 +56,6 @@ class CompareConfig:
     """Extra constructor options per method, e.g. ``{ktoken: {path: runs/ktoken/ktoken}}``."""
     targets: list = field(default_factory=lambda: ["umim"])
     """TR levels: ``"umim"`` (per-example match to UMIM's TR) and/or numbers in [0, 1)."""
-    out_dir: str = "results/compare"
-    """Where ``compare.json`` and ``compare.md`` are written."""
 
 
 def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int, target_tokens: int) -> list[tuple[list[int], list[int]]]:
@@ -96,18 +80,8 @@ def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int,
 
 def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, float]:
     """(summed target NLL, achieved TR on the context) of one example."""
-    if is_kv_policy(method):
-        from umim_eval.scoring.policy_nll import policy_nll
-
-        P, C = len(ctx), len(tgt)
-        with eager_attention(m.lm, method.needs_attentions):
-            r = policy_nll(m.lm, ctx + tgt, method, schedule="prompt", prompt_len=P)
-        nll = float(r.token_nll[0, P:].sum())
-        evicted = (P + C - 1) - int(r.cache_len[-1])
-        return nll, evicted / P
-    with eager_attention(m.lm, getattr(method, "needs_attentions", False)):
-        inp = prompt_inputs(method, m.lm, m.tokenizer, ctx)
-    return float(continuation_nll_from(m.lm, inp, tgt).sum()), inp.tr
+    s = method.score_continuation(m, ctx, tgt)
+    return float(s.nll.sum()), s.tr
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM | None = None,
@@ -126,37 +100,30 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
             raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
     if cfg.n_samples < 1 or cfg.context_tokens < 1 or cfg.target_tokens < 1:
         raise UserError("n_samples, context_tokens and target_tokens must be >= 1")
-    m = merged_lm or MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules,
-                                   run_dir=cfg.run_dir, device=cfg.device)
+    m = cfg.load_run(merged_lm, need_merging="targets 'umim'" if "umim" in cfg.targets else None)
     examples = load_examples(cfg.data, cfg.split, m.tokenizer, cfg.n_samples, cfg.context_tokens, cfg.target_tokens)
-    for t in cfg.targets:
-        if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):
-            raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
-    umim = make_method("umim", merged_lm=m) if m.merger is not None and m.rules is not None else None
-    if "umim" in cfg.targets and umim is None:
-        raise UserError("targets 'umim' needs a merger and rules (run_dir, or merger + rules)")
     # UMIM's TR needs only the segmentation, not the surrogates
-    umim_tr = [1.0 - len(m.rules.segment(c)) / len(c) if umim else None for c, _ in examples]
+    umim_tr = [m.token_reduction(c) if "umim" in cfg.targets else None for c, _ in examples]
     n_tgt = sum(len(t) for _, t in examples)
 
     # every method built before any scoring (a missing trained compressor fails now, not after hours),
     # once (a method may load a model or inject an adapter), then re-aimed through its ratio knob
     built = {name: make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
-             for name in dict.fromkeys(cfg.methods)}
+             for name in dict.fromkeys(["base", *cfg.methods])}
     get = journal.get_or if journal is not None else (lambda key, compute: compute())
-    base_nll = sum(get(f"base|{i}", lambda: _score(None, m, c, t))[0] for i, (c, t) in enumerate(examples))
+
+    base_nll = sum(get(f"base|{i}", lambda: _score(built["base"], m, c, t))[0] for i, (c, t) in enumerate(examples))
     base = {"method": "base", "ppl": math.exp(base_nll / n_tgt), "nll": base_nll / n_tgt, "achieved_tr": 0.0}
     rows = []
     jobs = [(t, name) for t in cfg.targets for name in cfg.methods]
     for target, name in tqdm(jobs, desc="compare", disable=not progress):
-        if target != "umim" and name == "umim":
-            continue  # fixed rules have no TR knob: the umim_budget method covers fixed levels
         method = built[name]
+        if target != "umim" and method.ratio is None:
+            continue  # a fixed TR (UMIM's rules) has no knob: the umim_budget method covers fixed levels
         nll, trs, asked = 0.0, [], []
         for i, (ctx, tgt) in enumerate(examples):
             want = umim_tr[i] if target == "umim" else float(target)
-            if name != "umim":
-                method.ratio = want
+            method.aim(want)
             s, tr = get(f"{target}|{name}|{i}", lambda: _score(method, m, ctx, tgt))
             nll, trs, asked = nll + s, trs + [tr], asked + [want]
         rows.append({"target": target, "method": name, "target_tr": sum(asked) / len(asked),
@@ -173,8 +140,12 @@ def compare_table(result: dict) -> str:
     rows = [["Base LM", "–", "–", "–", fmt(base["ppl"], 3), "–"]]
     for r in result["rows"]:
         level = "UMIM's TR" if r["target"] == "umim" else pct(float(r["target"]), 0) + "%"
-        rows.append([LABELS.get(r["method"], r["method"]), level, pct(r["target_tr"]), pct(r["achieved_tr"]), fmt(r["ppl"], 3),
+        rows.append([label(r["method"]), level, pct(r["target_tr"]), pct(r["achieved_tr"]), fmt(r["ppl"], 3),
                      f"{r['ppl'] - base['ppl']:+.3f}"])
     head = f"{result['n_examples']} examples, {result['tokens_scored']} target tokens scored\n\n"
     return head + markdown_table(["Method", "Matched to", "Target TR (%)", "Achieved TR (%)", "PPL", "ΔPPL"], rows)
 
+
+NAME = "compare"
+"""Result file stem: the command writes ``out_dir/compare.json`` and ``out_dir/compare.md``."""
+Config, run, table = CompareConfig, run_compare, compare_table  # the names every runner exposes (umim_eval.cli)

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from umim.errors import UserError
 from umim.inference.generation import MergedLM, SamplingConfig
-from umim.lm import LMSpec
-from umim_eval.results import markdown_table, write_results
+from umim_eval.results import markdown_table
 from umim_eval.scoring import generation_metrics as gm
+from umim_eval.tasks.config import TaskConfig
 
 DECODINGS: dict[str, dict] = {
     "greedy": {"do_sample": False},
@@ -50,19 +50,9 @@ SIMILARITY = ["rouge2", "rougeL", "rougeLsum", "bertscore", "chrf", "mauve"]
 
 
 @dataclass
-class GenQualityConfig:
+class GenQualityConfig(TaskConfig):
     """Settings of one generation-quality run (App. F.1)."""
 
-    lm: str = "embedded"
-    """LM: hub id, local folder, or "embedded" (offline SmolLM2-135M)."""
-    dtype: str = "float32"
-    """LM weights dtype: float32, bfloat16 or float16."""
-    run_dir: str | None = None
-    """Training run folder holding ``merger/`` and ``rules/``."""
-    merger: str | None = None
-    """Merger folder (overrides ``run_dir/merger``)."""
-    rules: str | None = None
-    """Rules folder (overrides ``run_dir/rules``)."""
     data: str = "hf:Salesforce/wikitext:wikitext-103-raw-v1"
     """Corpus spec (see :mod:`umim.rules.corpus`); the paper uses the WikiText-103 test split."""
     split: str = "test"
@@ -93,12 +83,8 @@ class GenQualityConfig:
     """MAUVE feature model: hub id, local folder or "embedded"."""
     mauve_buckets: int | str = "auto"
     """MAUVE histogram size; "auto" = max(2, n/10). Needs at least this many samples."""
-    device: str | None = None
-    """Device of the LM and the metric encoders; default CUDA when available, else CPU."""
     seed: int = 0
     """Seed of the prompt draw and of the sampling runs."""
-    out_dir: str | None = None
-    """When set, write ``gen_quality.json`` and ``gen_quality.md`` there."""
 
 
 def _check(cfg: GenQualityConfig) -> None:
@@ -193,13 +179,7 @@ def run_gen_quality(cfg: GenQualityConfig, progress: bool = True, model: MergedL
     """
     _check(cfg)
     t0 = time.perf_counter()
-    if model is None:
-        if cfg.run_dir is None and (cfg.merger is None or cfg.rules is None):
-            raise UserError("give run_dir, or both merger and rules, for the merged model")
-        model = MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules, run_dir=cfg.run_dir,
-                              device=cfg.device)
-    if model.merger is None or model.rules is None:
-        raise UserError("the merged model needs a merger and rules")
+    model = cfg.load_run(model, need_merging="the merged model")
     tok = model.tokenizer
     prompts, refs = select_samples(cfg, tok)
     ref_texts = tok.batch_decode(refs, skip_special_tokens=True)
@@ -229,8 +209,6 @@ def run_gen_quality(cfg: GenQualityConfig, progress: bool = True, model: MergedL
                     entry[label].update(_mean_std(trs)[0])
             result["decodings"][dec] = entry
     result["wall_s"] = time.perf_counter() - t0
-    if cfg.out_dir:
-        write_results(result, cfg.out_dir, "gen_quality", gen_quality_tables(result))
     return result
 
 
@@ -250,3 +228,8 @@ def gen_quality_tables(result: dict) -> str:
     n = result["n_samples"]
     return (f"Table 10: n-gram repetition and diversity ({n} samples, LM tokens)\n\n" + markdown_table(h10, rows10)
             + f"\nTable 11: similarity to the reference continuation ({n} samples)\n\n" + markdown_table(h11, rows11))
+
+
+NAME = "gen_quality"
+"""Result file stem: the command writes ``out_dir/gen_quality.json`` and ``out_dir/gen_quality.md``."""
+Config, run, table = GenQualityConfig, run_gen_quality, gen_quality_tables  # the names every runner exposes (umim_eval.cli)

@@ -30,16 +30,17 @@ from tqdm.auto import tqdm
 
 from umim.errors import UserError
 from umim.inference.generation import SamplingConfig
-from umim_eval.methods.registry import LABELS
-from umim_eval.results import markdown_table, pct, write_results
+from umim_eval.methods.base import model_context
+from umim_eval.methods.registry import label, method_class
+from umim_eval.results import markdown_table, pct
 from umim_eval.scoring.matched_generation import (
     check_matched_run,
     generate_matched,
-    load_merged_lm,
     load_records,
     match_targets,
-    model_context,
+    needs_merging,
 )
+from umim_eval.tasks.config import TaskConfig
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -197,21 +198,13 @@ def _default_datasets() -> dict[str, MathDataset]:
 
 
 @dataclass
-class MathConfig:
+class MathConfig(TaskConfig):
     """Settings of the AIME 2024 / AMC 2023 run (Table 6)."""
 
     lm: str = "agentica-org/DeepScaleR-1.5B-Preview"
     """Target reasoning LM: hub id, local folder, or "embedded"."""
     dtype: str = "bfloat16"
     """LM weights dtype: float32, bfloat16 or float16."""
-    device: str | None = None
-    """Torch device of the LM and merger; default CUDA when available, else CPU."""
-    run_dir: str | None = None
-    """A ``umim fit`` output folder holding ``merger/`` and ``rules/`` (needed by ``umim`` and UMIM matching)."""
-    merger: str | None = None
-    """Merger folder (overrides ``run_dir/merger``)."""
-    rules: str | None = None
-    """Rules folder (overrides ``run_dir/rules``)."""
     datasets: dict[str, MathDataset] = field(default_factory=_default_datasets)
     """Table column name -> dataset; the table shows ``aime2024`` and ``amc2023`` first."""
     n_problems: int | None = None
@@ -244,8 +237,6 @@ class MathConfig:
     """Base seed; each batch reseeds from it, so every method sees the same random stream."""
     keep_texts: bool = False
     """Store every decoded solution in the result (large: up to n x max_new_tokens tokens per problem)."""
-    out_dir: str | None = "results/math"
-    """Where ``math.json`` and ``math.md`` are written; None writes nothing."""
 
     def __post_init__(self):
         # YAML / command-line configs give each dataset as a mapping
@@ -288,12 +279,11 @@ def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:
     -------
     ``{"config", "results": {dataset: {method: {pass@1, pass@k, solved, n_solved, n_problems,
     target_tr, tr}}}, "problems": {dataset: [{answer, target_tr, per method: {correct, answers, tr}}]},
-    "wall_s"}``; pass rates as fractions. Also written to ``out_dir`` when set.
+    "wall_s"}``; pass rates as fractions.
     """
     _check(cfg)
     t0 = time.perf_counter()
-    needs_umim = bool({"umim", "umim_budget"} & set(cfg.methods)) or cfg.match != "fixed"
-    m = merged_lm or load_merged_lm(cfg.lm, cfg.dtype, cfg.device, cfg.run_dir, cfg.merger, cfg.rules, needs_umim)
+    m = cfg.load_run(merged_lm, need_merging=needs_merging(cfg.methods, cfg.match))
     tok = m.tokenizer
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
                               top_p=cfg.top_p, seed=cfg.seed, eos_token_id=tok.eos_token_id)
@@ -324,7 +314,7 @@ def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:
                     row[name]["texts"] = texts
                 correct.append(ok)
                 trs.append(g[0].tr)
-            asked = trs if name in ("base", "umim") else targets
+            asked = trs if method_class(name).fixed_tr else targets
             solved = sum(any(ok[: cfg.k]) for ok in correct)
             results[ds_name][name] = {
                 "pass@1": sum(pass_at_k(cfg.n, sum(ok), 1) for ok in correct) / len(correct),
@@ -333,8 +323,6 @@ def run_math(cfg: MathConfig, progress: bool = True, merged_lm=None) -> dict:
                 "target_tr": sum(asked) / len(asked), "tr": sum(trs) / len(trs)}
         problems[ds_name] = rows
     result = {"config": asdict(cfg), "results": results, "problems": problems, "wall_s": time.perf_counter() - t0}
-    if cfg.out_dir:
-        write_results(result, cfg.out_dir, "math", math_table(result))
     return result
 
 
@@ -343,14 +331,19 @@ def math_table(result: dict) -> str:
     TR "–" for the uncompressed base LM)."""
     order = {"aime2024": 0, "amc2023": 1}
     names = sorted(result["results"], key=lambda d: (order.get(d, 2), d))
-    label = {"aime2024": "AIME 2024", "amc2023": "AMC 2023"}
-    headers = ["Methods"] + [h for d in names for h in (f"{label.get(d, d)} Accuracy", "TR (%)")]
+    shown = {"aime2024": "AIME 2024", "amc2023": "AMC 2023"}
+    headers = ["Methods"] + [h for d in names for h in (f"{shown.get(d, d)} Accuracy", "TR (%)")]
     methods = list(dict.fromkeys(mn for d in names for mn in result["results"][d]))
     rows = []
     for mn in methods:
-        row = [LABELS.get(mn, mn)]
+        row = [label(mn)]
         for d in names:
             r = result["results"][d].get(mn)
             row += ["–", "–"] if r is None else [r["solved"], "–" if mn == "base" else pct(r["tr"])]
         rows.append(row)
     return markdown_table(headers, rows)
+
+
+NAME = "math"
+"""Result file stem: the command writes ``out_dir/math.json`` and ``out_dir/math.md``."""
+Config, run, table = MathConfig, run_math, math_table  # the names every runner exposes (umim_eval.cli)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from umim.errors import UserError
 from umim.inference.generation import MergedLM
-from umim.lm import LMSpec
 from umim.rules.corpus import load_documents, tokenize_documents
 from umim_eval.results import Journal, fmt, markdown_table, pct
+from umim_eval.tasks.config import TaskConfig
 
 PAPER_DATASETS = {
     "WikiText-103": "hf:Salesforce/wikitext:wikitext-103-raw-v1",
@@ -25,21 +25,9 @@ PAPER_DATASETS = {
 
 
 @dataclass
-class PPLConfig:
+class PPLConfig(TaskConfig):
     """Settings of ``umim-eval ppl``."""
 
-    lm: str = "embedded"
-    """Target LM: hub id, local folder, or "embedded"."""
-    dtype: str = "float32"
-    """LM weights dtype: float32, bfloat16 or float16."""
-    device: str | None = None
-    """Torch device of the LM and merger; default CUDA when available, else CPU."""
-    run_dir: str | None = None
-    """A ``umim fit`` output folder holding ``merger/`` and ``rules/``."""
-    merger: str | None = None
-    """Merger folder (overrides ``run_dir/merger``)."""
-    rules: str | None = None
-    """Rules folder (overrides ``run_dir/rules``)."""
     datasets: dict[str, str] = field(default_factory=lambda: dict(PAPER_DATASETS))
     """Table column name -> corpus spec (``hf:PATH[:CONFIG]``, ``pydoc``, ``fortunes``, a local file)."""
     split: str = "test"
@@ -50,8 +38,6 @@ class PPLConfig:
     """Tokens per non-overlapping window (the first of each is context only)."""
     batch_size: int = 4
     """Windows per forward."""
-    out_dir: str = "results/ppl"
-    """Where ``ppl.json`` and ``ppl.md`` are written."""
 
 
 def _stream(spec: str, split: str, tokenizer, max_tokens: int):
@@ -76,10 +62,7 @@ def run_ppl(cfg: PPLConfig, progress: bool = True, merged_lm: MergedLM | None = 
         raise UserError(f"need max_tokens >= 0 (0 = all), window >= 2 and batch_size >= 1, got {cfg.max_tokens}, "
                         f"{cfg.window}, {cfg.batch_size}")
     t0 = time.perf_counter()
-    m = merged_lm or MergedLM.load(LMSpec(cfg.lm, dtype=cfg.dtype), merger=cfg.merger, rules=cfg.rules,
-                                   run_dir=cfg.run_dir, device=cfg.device)
-    if m.merger is None or m.rules is None:
-        raise UserError("umim-eval ppl needs a merger and rules (run_dir, or merger + rules)")
+    m = cfg.load_run(merged_lm, need_merging="umim-eval ppl")
     get = journal.get_or if journal is not None else (lambda key, compute: compute())
     rows: dict[str, dict] = {"base": {}, "umim": {}}
     for name, spec in cfg.datasets.items():
@@ -109,3 +92,8 @@ def ppl_table(result: dict) -> str:
         row.append(fmt(sum(cells[n]["ppl"] for n in names) / len(names), 3))
         rows.append(row)
     return markdown_table(headers, rows)
+
+
+NAME = "ppl"
+"""Result file stem: the command writes ``out_dir/ppl.json`` and ``out_dir/ppl.md``."""
+Config, run, table = PPLConfig, run_ppl, ppl_table  # the names every runner exposes (umim_eval.cli)

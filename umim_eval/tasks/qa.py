@@ -13,18 +13,15 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from umim.errors import UserError
-from umim_eval.methods.registry import LABELS, check_methods
+from umim_eval.methods.registry import check_methods, label
 from umim_eval.results import Journal, fmt, markdown_table, pct
+from umim_eval.tasks.config import TaskConfig
 
 
 @dataclass
-class QAConfig:
+class QAConfig(TaskConfig):
     """Settings of ``umim-eval qa``."""
 
-    lm: str = "embedded"
-    """Target LM: hub id, local folder, or "embedded"."""
-    run_dir: str | None = None
-    """A ``umim fit`` output folder holding ``merger/`` and ``rules/``."""
     tasks: list[str] = field(default_factory=lambda: ["piqa", "copa", "openbookqa", "arc_easy", "arc_challenge"])
     """lm-eval task names (paper: PIQA, COPA, OpenBookQA, ARC-Easy, ARC-Challenge)."""
     include_path: str | None = None
@@ -42,25 +39,23 @@ class QAConfig:
     """``umim`` (per-request match to UMIM's TR) or a fixed TR such as ``0.1`` for the compressors."""
     batch_size: int = 8
     """lm-eval batch size (base and umim; compressors score one request at a time)."""
-    dtype: str = "float32"
-    """LM weights dtype: float32, bfloat16 or float16."""
-    device: str | None = None
-    """Torch device (default: CUDA when available, else CPU)."""
-    out_dir: str = "results/qa"
-    """Where ``qa.json`` and ``qa.md`` are written."""
 
 
 def _model(cfg: QAConfig, method: str):
+    """The lm-eval model of ``method``: the base LM, UMIM's merged prompts (batched), or a prompt
+    method reducing each context (one request at a time)."""
     from umim_eval.harness.lm_eval_model import UMIMLM
 
-    kw = {"pretrained": cfg.lm, "batch_size": cfg.batch_size, "device": cfg.device, "dtype": cfg.dtype}
+    kw = {"pretrained": cfg.lm, "gguf_file": cfg.gguf_file, "batch_size": cfg.batch_size, "device": cfg.device,
+          "dtype": cfg.dtype}
     if method == "base":
         return UMIMLM(merge="none", **kw)
-    if cfg.run_dir is None and (method == "umim" or cfg.ratio == "umim"):
-        raise UserError(f"method {method!r} needs run_dir (the merger and rules)")
+    if method == "umim" or cfg.ratio == "umim":
+        cfg.check_merging(f"method {method!r}" if method == "umim" else "ratio 'umim'")
+    merger, rules = cfg.merging_paths()
     if method == "umim":
-        return UMIMLM(run_dir=cfg.run_dir, merge="prompt", **kw)
-    return UMIMLM(run_dir=cfg.run_dir, merge="none", compressor=method, ratio=cfg.ratio, **kw)
+        return UMIMLM(merger=merger, rules=rules, merge="prompt", **kw)
+    return UMIMLM(merger=merger, rules=rules, merge="none", compressor=method, ratio=cfg.ratio, **kw)
 
 
 def run_qa(cfg: QAConfig, journal: Journal | None = None) -> dict:
@@ -80,11 +75,11 @@ def run_qa(cfg: QAConfig, journal: Journal | None = None) -> dict:
     if cfg.local_examples < 1 or (cfg.limit is not None and cfg.limit < 1) or cfg.batch_size < 1:
         raise UserError(f"local_examples, limit and batch_size must be >= 1, got {cfg.local_examples}, {cfg.limit}, "
                         f"{cfg.batch_size}")
-    check_methods([m for m in cfg.methods if m not in ("base", "umim")])
+    check_methods(cfg.methods)
     tasks = list(cfg.tasks)
     include = [cfg.include_path] if cfg.include_path else []
     if cfg.local_tasks:
-        folder = Path(cfg.out_dir) / "tasks"
+        folder = Path(cfg.out_dir or "results/qa") / "tasks"
         tasks += [write_cloze_task(folder, spec, n=cfg.local_examples) for spec in cfg.local_tasks]
         include.append(str(folder))
     if not tasks or not cfg.methods:
@@ -118,9 +113,14 @@ def qa_table(result: dict) -> str:
     rows = []
     for method, cells in result["rows"].items():
         accs = [cells[t]["acc"] for t in tasks]
-        row = [LABELS.get(method, method)]
+        row = [label(method)]
         for t in tasks:
             row += [pct(cells[t]["acc"]), pct(cells[t]["tr"])]
         row.append(fmt(100 * sum(accs) / len(accs)) if all(a is not None for a in accs) else "–")
         rows.append(row)
     return markdown_table(headers, rows)
+
+
+NAME = "qa"
+"""Result file stem: the command writes ``out_dir/qa.json`` and ``out_dir/qa.md``."""
+Config, run, table = QAConfig, run_qa, qa_table  # the names every runner exposes (umim_eval.cli)

@@ -36,33 +36,22 @@ from tqdm.auto import tqdm
 
 from umim.errors import UserError
 from umim.inference.generation import MergedLM, SamplingConfig
-from umim_eval.methods.registry import LABELS
-from umim_eval.results import Journal, fmt, markdown_table, pct, write_results
+from umim_eval.methods.registry import label, method_class
+from umim_eval.results import Journal, fmt, markdown_table, pct
 from umim_eval.scoring.matched_generation import (
     check_matched_run,
     generate_matched,
-    load_merged_lm,
     load_records,
     match_targets,
+    needs_merging,
 )
+from umim_eval.tasks.config import TaskConfig
 
 
 @dataclass
-class SummarizeConfig:
+class SummarizeConfig(TaskConfig):
     """Settings of the CNN/DailyMail summarization run (Table 5)."""
 
-    lm: str = "embedded"
-    """Target LM: hub id, local folder, or "embedded" (the offline SmolLM2-135M)."""
-    dtype: str = "float32"
-    """LM weights dtype: float32, bfloat16 or float16."""
-    device: str | None = None
-    """Torch device of the LM and merger; default CUDA when available, else CPU."""
-    run_dir: str | None = None
-    """A ``umim fit`` output folder holding ``merger/`` and ``rules/`` (needed by ``umim`` and by UMIM matching)."""
-    merger: str | None = None
-    """Merger folder (overrides ``run_dir/merger``)."""
-    rules: str | None = None
-    """Rules folder (overrides ``run_dir/rules``)."""
     data: str = "hf:abisee/cnn_dailymail:3.0.0"
     """``hf:PATH[:CONFIG]`` (a hub dataset) or a local ``.jsonl`` file with one record per line."""
     split: str = "test"
@@ -110,8 +99,6 @@ class SummarizeConfig:
     """Encoder layer of BERTScore (roberta-large: 17); None = bert_score's default for known hub models."""
     bertscore_batch_size: int = 32
     """Texts per BERTScore forward."""
-    out_dir: str | None = "results/summarization"
-    """Where ``summarization.json`` and ``summarization.md`` are written; None writes nothing."""
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -156,15 +143,13 @@ def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: Merged
     -------
     ``{"config", "methods": {name: {target_tr, tr, max_tr_gap, rouge1, rouge2, rougeL, rougeLsum,
     avg, bertscore}}, "examples": [{reference, target_tr, predictions: {name: text}, tr: {name: tr}}],
-    "wall_s"}``; scores in percent, TRs as fractions (means over examples). Also written to
-    ``out_dir`` when set.
+    "wall_s"}``; scores in percent, TRs as fractions (means over examples).
     """
     from umim_eval.scoring.generation_metrics import BertScorer, rouge
 
     _check(cfg)
     t0 = time.perf_counter()
-    needs_umim = bool({"umim", "umim_budget"} & set(cfg.methods)) or cfg.match != "fixed"
-    m = merged_lm or load_merged_lm(cfg.lm, cfg.dtype, cfg.device, cfg.run_dir, cfg.merger, cfg.rules, needs_umim)
+    m = cfg.load_run(merged_lm, need_merging=needs_merging(cfg.methods, cfg.match))
     tok = m.tokenizer
     records = load_records(cfg.data, cfg.split, [cfg.article_field, cfg.reference_field], cfg.n_samples)
     prompts = [article_prompt_ids(tok, r[cfg.article_field], cfg.prompt_template, cfg.max_article_tokens,
@@ -191,8 +176,8 @@ def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: Merged
               if cfg.bertscore_model else None)
     methods = {}
     for name in cfg.methods:
-        # base and fixed-rule UMIM are not driven: their target is what they achieve
-        asked = trs[name] if name in ("base", "umim") else targets
+        # methods without a TR knob (base, fixed-rule UMIM): their target is what they achieve
+        asked = trs[name] if method_class(name).fixed_tr else targets
         row = {"target_tr": sum(asked) / len(asked), "tr": sum(trs[name]) / len(trs[name]),
                "max_tr_gap": max(abs(a - b) for a, b in zip(trs[name], asked))}
         row.update(rouge(preds[name], refs))
@@ -203,8 +188,6 @@ def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: Merged
                  "predictions": {n: preds[n][i] for n in cfg.methods}, "tr": {n: trs[n][i] for n in cfg.methods}}
                 for i in range(len(records))]
     result = {"config": asdict(cfg), "methods": methods, "examples": examples, "wall_s": time.perf_counter() - t0}
-    if cfg.out_dir:
-        write_results(result, cfg.out_dir, "summarization", summarize_table(result))
     return result
 
 
@@ -213,6 +196,11 @@ def summarize_table(result: dict) -> str:
     (TR = achieved mean; ROUGE and BERTScore F1 in percent)."""
     rows = []
     for name, r in result["methods"].items():
-        rows.append([LABELS.get(name, name), pct(r["tr"], 1), fmt(r["rouge1"]), fmt(r["rouge2"]), fmt(r["rougeL"]),
+        rows.append([label(name), pct(r["tr"], 1), fmt(r["rouge1"]), fmt(r["rouge2"]), fmt(r["rougeL"]),
                      fmt(r["rougeLsum"]), fmt(r["avg"]), fmt(r["bertscore"])])
     return markdown_table(["Methods", "TR (%)", "Rouge-1", "Rouge-2", "Rouge-L", "Rouge-Lsum", "Avg", "BERTScore"], rows)
+
+
+NAME = "summarization"
+"""Result file stem: the command writes ``out_dir/summarization.json`` and ``out_dir/summarization.md``."""
+Config, run, table = SummarizeConfig, run_summarize, summarize_table  # the names every runner exposes (umim_eval.cli)
