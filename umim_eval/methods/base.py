@@ -155,6 +155,11 @@ class Method(ABC):
         if self.ratio is not None:
             self.ratio = float(ratio)
 
+    def tr_shortfall(self, n: int, ratio: float) -> float:
+        """How far the achieved TR may miss ``ratio`` on an ``n``-token prompt beyond rounding (0: the
+        method hits its target; a method that cannot says how far and why)."""
+        return 0.0
+
     @abstractmethod
     def score_continuation(self, run, context: list[int], target: list[int]) -> ContinuationScore:
         """The target tokens' NLL after the reduced ``context`` (targets fed unreduced, one position each)."""
