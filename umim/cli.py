@@ -1,14 +1,24 @@
-"""The ``umim`` command: ``fit``/``validate``/``test`` (LightningCLI), ``mine`` and ``generate``."""
+"""The ``umim`` command: ``fit``/``validate``/``test`` (LightningCLI), ``mine`` and ``generate``.
+
+One mechanism for all of them: jsonargparse (LightningCLI's parser; :mod:`umim.settings` for the
+settings dataclasses of ``mine`` and ``generate``), so every command takes ``--config FILE.yaml``
+and ``--field value`` overrides.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.cli import LightningCLI
 
+from umim.errors import UserError, cli_entry
+from umim.inference.loading import ModelArgs
+from umim.rules.mining import FILTER_STAGES
+from umim.settings import parse_settings
 from umim.training.datamodule import UMIMDataModule
 from umim.training.distillation import UMIMDistillation
 
@@ -61,55 +71,107 @@ def build_cli(args: list[str] | None, cli_class: type[UMIMCLI] = UMIMCLI, **kwar
     return cli_class(UMIMDistillation, UMIMDataModule, args=args, **kwargs)
 
 
+COMMANDS = {
+    "fit": "train a merger (distillation; LightningCLI: umim fit --config conf/default.yaml)",
+    "validate": "validation loss and alignment of a trained checkpoint (LightningCLI)",
+    "test": "test-split alignment of a trained checkpoint (LightningCLI)",
+    "mine": "mine frequent n-gram merge rules from a corpus",
+    "generate": "generate text with no, prompt or dynamic merging",
+}
+"""Subcommand -> one line of help (``umim --help``)."""
+
+
+@dataclass
+class MineConfig:
+    """Mine frequent n-gram merge rules from a corpus."""
+
+    tokenizer: str
+    """Hub id, local folder, or "embedded" (offline SmolLM2)."""
+    data: str
+    """Corpus spec: hf:PATH[:CONFIG], pydoc, fortunes, file/dir/glob."""
+    out: str
+    """Output folder (rules.json + rules.safetensors)."""
+    gguf_file: str | None = None
+    """GGUF file inside ``tokenizer``."""
+    split: str = "train"
+    """Split of ``data``."""
+    min_count: int | None = None
+    """Frequency threshold tau (default 5, the paper's; 1 with ``model_prob``)."""
+    min_n: int = 2
+    """Shortest rule n-gram."""
+    max_n: int = 4
+    """Longest rule n-gram."""
+    filters: list[Literal["intra", "inter"]] | None = None
+    """Overlap filter stages (default: intra inter, as in the paper; none with ``model_prob``)."""
+    no_filter: bool = False
+    """Keep every candidate (same as an empty ``filters``)."""
+    model_prob: float | None = None
+    """Mine model-probability (CD-LM, App. G.4) rules instead: spans whose tokens the LM predicts with
+    p > THRESHOLD (paper: 0.5); ``tokenizer`` names the LM."""
+    max_tokens: int = 0
+    """Use only the whole documents within the first N corpus tokens (0 = all)."""
+
+    def __post_init__(self):
+        if self.max_tokens < 0:
+            raise UserError(f"--max_tokens {self.max_tokens}: give 0 (all tokens) or a positive count")
+        if not self.out.strip():
+            raise UserError("--out: give the folder to write the rules to")
+        if self.min_count is None:
+            self.min_count = 1 if self.model_prob is not None else 5
+        if self.no_filter or self.filters is None:
+            self.filters = [] if self.no_filter or self.model_prob is not None else list(FILTER_STAGES)
+
+
+@dataclass
+class GenerateConfig(ModelArgs):
+    """Generate text with UMIM merging."""
+
+    prompt: str | None = None
+    """The prompt text (required)."""
+    run_dir: str | None = "runs/default"
+    """A ``umim fit`` output folder holding ``merger/`` and ``rules/`` (default: the default run)."""
+    merge: Literal["none", "prompt", "dynamic"] = "dynamic"
+    """Merging: none, prompt (merged prompt) or dynamic (prompt + online merging with KV rollback)."""
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    """Stop strings; \\n, \\t, \\r and \\\\ are read as escapes, so --stop '\\n\\n' works."""
+    json: bool = False
+    """Print one JSON object."""
+
+    def __post_init__(self):
+        if self.prompt is None:
+            raise UserError("--prompt: give the text to continue")
+
+
 def mine_main(argv: list[str]) -> int:
     """``umim mine``: mine merge rules from a corpus and save them (user errors: one line, exit 2)."""
-    from umim.errors import cli_entry
-
     return cli_entry(_mine, argv)
 
 
 def _mine(argv: list[str]) -> int:
-    from umim.fingerprint import tokenizer_fingerprint
-    from umim.lm import LMSpec, load_tokenizer
-    from umim.rules.corpus import load_documents, tokenize_documents
-    from umim.rules.mining import FILTER_STAGES, mine_rules
-    from umim.rules.store import is_rules_dir
-    from umim.safe_io import check_replaceable
+    from .fingerprint import tokenizer_fingerprint
+    from .lm import LMSpec, load_tokenizer
+    from .rules.corpus import load_documents, tokenize_documents
+    from .rules.mining import mine_rules
+    from .rules.store import is_rules_dir
+    from .safe_io import check_replaceable
 
-    p = argparse.ArgumentParser(prog="umim mine", description="Mine frequent n-gram merge rules from a corpus.")
-    p.add_argument("--tokenizer", required=True, help='hub id, local folder, or "embedded" (offline SmolLM2)')
-    p.add_argument("--gguf-file", default=None, help="GGUF file inside --tokenizer")
-    p.add_argument("--data", required=True, help="corpus spec: hf:PATH[:CONFIG], pydoc, fortunes, file/dir/glob")
-    p.add_argument("--split", default="train")
-    p.add_argument("--min-count", type=int, default=5, help="frequency threshold tau (paper: 5)")
-    p.add_argument("--min-n", type=int, default=2)
-    p.add_argument("--max-n", type=int, default=4)
-    p.add_argument("--filters", nargs="*", default=list(FILTER_STAGES), choices=FILTER_STAGES,
-                   help="overlap filter stages (default: intra inter, as in the paper)")
-    p.add_argument("--no-filter", action="store_true", help="keep every candidate (same as --filters with none)")
-    p.add_argument("--out", required=True, help="output directory (rules.json + rules.safetensors)")
-    p.add_argument("--model-prob", type=float, default=None, metavar="THRESHOLD",
-                   help="mine model-probability (CD-LM, App. G.4) rules instead: spans whose tokens the LM "
-                        "predicts with p > THRESHOLD (paper: 0.5); --tokenizer names the LM. --min-count "
-                        "then defaults to 1 and --filters to none")
-    p.add_argument("--max-tokens", type=int, default=0, help="use only the first N corpus tokens (0 = all)")
-    a = p.parse_args(argv)
-    if a.max_tokens < 0:
-        p.error(f"--max-tokens {a.max_tokens}: give 0 (all tokens) or a positive count")
-    if not a.out.strip():
-        p.error("--out: give the folder to write the rules to")
+    a = parse_settings(MineConfig, argv, "umim mine")
     check_replaceable(a.out, is_rules_dir, "rules")  # before any work
     if a.model_prob is not None:
-        return _mine_model_prob(a, argv)
+        return _mine_model_prob(a)
 
     t0 = time.perf_counter()
     tok = load_tokenizer(LMSpec(a.tokenizer, a.gguf_file))
     ids, offsets = _head(*tokenize_documents(load_documents(a.data, a.split), tok), a.max_tokens)
     t1 = time.perf_counter()
-    rules = mine_rules(
-        ids, offsets, tokenizer_fingerprint(tok), a.min_count, a.min_n, a.max_n,
-        [] if a.no_filter else a.filters, corpus=f"{a.data}:{a.split}",
-    )
+    rules = mine_rules(ids, offsets, tokenizer_fingerprint(tok), a.min_count, a.min_n, a.max_n, a.filters,
+                       corpus=f"{a.data}:{a.split}")
     t2 = time.perf_counter()
     rules.save(a.out)
     print(f"tokens scanned: {rules.tokens_scanned:,} ({len(offsets) - 1:,} documents)")
@@ -132,21 +194,18 @@ def _head(ids, offsets, max_tokens: int):
     return ids[: offsets[-1]], offsets
 
 
-def _mine_model_prob(a, argv: list[str]) -> int:
-    """``umim mine --model-prob T``: one batched forward per block of the corpus."""
-    from umim.lm import LMSpec, load_lm, load_tokenizer
-    from umim.rules.corpus import load_documents, tokenize_documents
-    from umim.rules.prob_rules import mine_model_prob_rules
+def _mine_model_prob(a: MineConfig) -> int:
+    """``umim mine --model_prob T``: one batched forward per block of the corpus."""
+    from .lm import LMSpec, load_lm, load_tokenizer
+    from .rules.corpus import load_documents, tokenize_documents
+    from .rules.prob_rules import mine_model_prob_rules
 
     spec = LMSpec(a.tokenizer, a.gguf_file)
     t0 = time.perf_counter()
     tok, lm = load_tokenizer(spec), load_lm(spec)
     ids, offsets = _head(*tokenize_documents(load_documents(a.data, a.split), tok), a.max_tokens)
-    min_count = a.min_count if "--min-count" in argv else 1
-    filters = a.filters if "--filters" in argv else []
     rules = mine_model_prob_rules(lm, tok, ids, offsets, threshold=a.model_prob, min_n=a.min_n, max_n=a.max_n,
-                                  min_count=min_count, filters=[] if a.no_filter else filters,
-                                  corpus=f"{a.data}:{a.split}")
+                                  min_count=a.min_count, filters=a.filters, corpus=f"{a.data}:{a.split}")
     rules.save(a.out)
     print(f"model-probability rules (p > {a.model_prob}) from {len(ids):,} tokens: "
           + ", ".join(f"{n}-grams {k:,}" for n, k in rules.num_rules().items()))
@@ -163,52 +222,23 @@ def _unescape(text: str) -> str:
 
 def generate_main(argv: list[str]) -> int:
     """``umim generate``: decode with no, prompt or dynamic merging (user errors: one line, exit 2)."""
-    from umim.errors import cli_entry
-
     return cli_entry(_generate, argv)
 
 
 def _generate(argv: list[str]) -> int:
     import json
-    from pathlib import Path
 
-    from umim.inference.generation import MODES, MergedLM, SamplingConfig
-    from umim.lm import LMSpec
+    from .inference.generation import SamplingConfig
 
-    p = argparse.ArgumentParser(prog="umim generate", description="Generate text with UMIM merging.")
-    p.add_argument("--model", default="embedded", help='hub id, local folder, or "embedded" (default)')
-    p.add_argument("--gguf-file", default=None)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="LM weights dtype")
-    p.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
-    p.add_argument("--run-dir", default="runs/default", help="training output with merger/ and rules/ (default run)")
-    p.add_argument("--merger", default=None, help="merger folder (default: RUN_DIR/merger)")
-    p.add_argument("--rules", default=None, help="rules folder (default: RUN_DIR/rules)")
-    p.add_argument("--merge", choices=MODES, default="dynamic")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], type=_unescape,
-                   help=r"stop string (repeatable); \n, \t, \r and \\ are read as escapes, so --stop '\n\n' works")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    a = p.parse_args(argv)
-
-    merger, rules = a.merger, a.rules
+    a = parse_settings(GenerateConfig, argv, "umim generate", aliases={"model": "lm"})
     if a.merge != "none":
-        merger = merger or str(Path(a.run_dir) / "merger")
-        rules = rules or str(Path(a.run_dir) / "rules")
-        for what, path in (("merger", merger), ("rules", rules)):
-            if not Path(path).exists():
+        for what, path in zip(("merger", "rules"), a.merging_paths()):
+            if path is None or not Path(path).exists():
                 hint = " Run `umim fit --config conf/default.yaml` first." if a.run_dir == "runs/default" else ""
-                print(f"error: no {what} at {path}.{hint} (or pass --{what}, or --merge none)", file=sys.stderr)
-                return 2
-    model = MergedLM.load(LMSpec(a.model, a.gguf_file, a.dtype), merger=merger if a.merge != "none" else None,
-                          rules=rules if a.merge != "none" else None, device=a.device)
+                raise UserError(f"no {what} at {path}.{hint} (or pass --{what}, or --merge none)")
+    model = a.load(merging=a.merge != "none")
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature,
-                         top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=a.stop)
+                         top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_strings=[_unescape(s) for s in a.stop])
     r = model.generate(a.prompt, a.merge, cfg)[0]
     if a.json:
         print(json.dumps(r.to_json()))
@@ -232,8 +262,6 @@ def _check_ckpt_path(args: list[str]) -> None:
     (torch would report a truncated file as "OSError: Invalid argument" after the model has loaded)."""
     import zipfile
 
-    from umim.errors import UserError
-
     for i, a in enumerate(args):
         path = a.partition("=")[2] if a.startswith("--ckpt_path=") else (args[i + 1] if a == "--ckpt_path" and
                                                                            i + 1 < len(args) else None)
@@ -245,12 +273,24 @@ def _check_ckpt_path(args: list[str]) -> None:
             raise UserError(f"--ckpt_path {path}: truncated or not a checkpoint written by umim fit")
 
 
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, help_ in COMMANDS.items()]
+    return "usage: umim COMMAND [--config FILE.yaml] [--field value ...]\n\ncommands:\n" + "\n".join(lines) + (
+        "\n\n`umim COMMAND --help` lists the settings of a command.")
+
+
 def _dispatch(args: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    if args and args[0] == "mine":
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    if args[0] not in COMMANDS:
+        raise UserError(f"unknown command {args[0]!r}; choose from {', '.join(COMMANDS)}")
+    if args[0] == "mine":
         return mine_main(args[1:])
-    if args and args[0] == "generate":
+    if args[0] == "generate":
         return generate_main(args[1:])
     _check_ckpt_path(args)
     try:
@@ -262,8 +302,6 @@ def _dispatch(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``umim fit|validate|test|mine|generate``; user errors are one line and exit code 2 (see ``umim.errors``)."""
-    from umim.errors import cli_entry
-
     return cli_entry(_dispatch, sys.argv[1:] if argv is None else list(argv))
 
 

@@ -50,46 +50,22 @@ RUNNERS: dict[str, str] = {
 
 
 def runner_parser(command: str):
-    """The jsonargparse parser of one runner subcommand: ``--config`` plus one option per field."""
+    """The parser of one runner subcommand: ``--config`` plus one option per field (:mod:`umim.settings`)."""
     import importlib
 
-    import jsonargparse
+    from umim.settings import settings_parser
 
     cfg_cls = importlib.import_module(RUNNERS[command]).Config
-    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings as --help
-    p = jsonargparse.ArgumentParser(prog=f"umim-eval {command}", description=(cfg_cls.__doc__ or "").strip())
-    p.add_argument("--config", action=jsonargparse.ActionConfigFile, help="YAML settings file (conf/eval/*.yaml)")
-    p.add_class_arguments(cfg_cls)
-    return p, cfg_cls
-
-
-def _check_config_files(argv: list[str]) -> None:
-    """Name a missing or unreadable ``--config`` file (jsonargparse's message does not name it)."""
-    import yaml
-
-    from umim.errors import UserError
-
-    for i, a in enumerate(argv):
-        path = a.partition("=")[2] if a.startswith("--config=") else (argv[i + 1] if a == "--config" and
-                                                                       i + 1 < len(argv) else None)
-        if path is None:
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                yaml.safe_load(f)
-        except OSError as e:
-            raise UserError(f"--config {path}: {e.strerror or e}") from e
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"--config {path} is not valid YAML: {' '.join(str(e).split())[:200]}") from e
+    return settings_parser(cfg_cls, f"umim-eval {command}"), cfg_cls
 
 
 def parse_runner_config(command: str, argv: list[str]):
     """Settings dataclass of ``command`` from ``argv`` (``--config FILE`` and overrides)."""
-    _check_config_files(argv)
-    p, cfg_cls = runner_parser(command)
-    ns = p.parse_args(argv).as_dict()
-    ns.pop("config", None)
-    return cfg_cls(**ns)
+    import importlib
+
+    from umim.settings import parse_settings
+
+    return parse_settings(importlib.import_module(RUNNERS[command]).Config, argv, f"umim-eval {command}")
 
 
 def _inputs_stamp(cfg) -> str:
