@@ -32,3 +32,6 @@ def cli_entry(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`umim --help | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0

@@ -29,11 +29,11 @@ is imported, at the cost of one tiny module at interpreter start-up (no torch, n
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 PTH_NAME = "umim-lm-eval.pth"
 
@@ -132,7 +132,7 @@ def lm_eval_main(argv: list[str]) -> int:
     sys.argv = ["lm-eval", *argv]  # lm-eval's HarnessCLI parses sys.argv itself
     try:
         cli_evaluate()
-    except SystemExit as e:  # argparse --help / errors
+    except SystemExit as e:  # lm-eval's --help / usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = old
@@ -149,7 +149,12 @@ def install_hook(site: str | None = None, remove: bool = False) -> str:
     """Copy (or remove) the start-up hook ``umim-lm-eval.pth`` in ``site`` (default: purelib)."""
     from umim_eval.harness.lm_eval_hook import pth_path
 
-    dest = os.path.join(site or _site_dir(), PTH_NAME)
+    folder = site or _site_dir()
+    if not os.path.isdir(folder):
+        from umim.errors import UserError
+
+        raise UserError(f"--site {folder}: no such folder (give the site-packages folder of the environment)")
+    dest = os.path.join(folder, PTH_NAME)
     if remove:
         if os.path.exists(dest):
             os.remove(dest)
@@ -165,36 +170,53 @@ def main(argv: list[str] | None = None) -> int:
     return cli_entry(_dispatch, list(sys.argv[1:] if argv is None else argv))
 
 
-def _dispatch(argv: list[str]) -> int:
-    commands = {
-        "ppl": "perplexity + TR of base and merged LM per dataset (Table 2)",
-        "gen-quality": "continuation quality: Rep/Dist, ROUGE, BERTScore, chrF, MAUVE (Tables 10, 11)",
-        "summarize": "CNN/DailyMail summarization at matched TR (Table 5)",
-        "math": "AIME/AMC pass@k with prompt merging (Table 6)",
-        "compare": "all methods at matched TR: continuation perplexity (UMIM vs baselines vs compressors)",
-        "qa": "zero-shot multiple-choice QA through lm-eval at matched TR (Table 4)",
-        "lm-eval": "lm-evaluation-harness with the `umim` model registered (all further arguments go to lm-eval)",
-        "install-lm-eval-hook": "install the start-up hook so that plain `lm_eval --model umim` works",
-    }
-    if argv and argv[0] in ("lm-eval", "lm_eval"):
-        return lm_eval_main(argv[1:])  # pass-through: no parsing of lm-eval's own options here
-    if argv and argv[0] in RUNNERS:
-        return run_command(argv[0], argv[1:])
+COMMANDS = {
+    "ppl": "perplexity + TR of base and merged LM per dataset (Table 2)",
+    "gen-quality": "continuation quality: Rep/Dist, ROUGE, BERTScore, chrF, MAUVE (Tables 10, 11)",
+    "summarize": "CNN/DailyMail summarization at matched TR (Table 5)",
+    "math": "AIME/AMC pass@k with prompt merging (Table 6)",
+    "compare": "all methods at matched TR: continuation perplexity (UMIM vs baselines vs compressors)",
+    "qa": "zero-shot multiple-choice QA through lm-eval at matched TR (Table 4)",
+    "lm-eval": "lm-evaluation-harness with the `umim` model registered (all further arguments go to lm-eval)",
+    "install-lm-eval-hook": "install the start-up hook so that plain `lm_eval --model umim` works",
+}
+"""Subcommand -> one line of help (``umim-eval --help``)."""
 
-    parser = argparse.ArgumentParser(prog="umim-eval", description="UMIM evaluation commands.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_ in commands.items():
-        p = sub.add_parser(name, help=help_)
-        if name == "install-lm-eval-hook":
-            p.add_argument("--site", default=None, help="site-packages folder (default: this interpreter's)")
-            p.add_argument("--remove", action="store_true", help="delete the hook instead")
-    args = parser.parse_args(argv)
-    if args.command == "install-lm-eval-hook":
-        path = install_hook(args.site, args.remove)
-        print(("removed " if args.remove else "installed ") + path)
+
+@dataclass
+class HookConfig:
+    """Install (or remove) the start-up hook so that plain ``lm_eval --model umim`` works."""
+
+    site: str | None = None
+    """site-packages folder (default: this interpreter's)."""
+    remove: bool = False
+    """Delete the hook instead."""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, help_ in COMMANDS.items()]
+    return ("usage: umim-eval COMMAND [--config FILE.yaml] [--field value ...]\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n`umim-eval COMMAND --help` lists the settings of a command.")
+
+
+def _dispatch(argv: list[str]) -> int:
+    from umim.errors import UserError
+    from umim.settings import parse_settings
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in ("lm-eval", "lm_eval"):
+        return lm_eval_main(argv[1:])  # pass-through: no parsing of lm-eval's own options here
+    if argv[0] in RUNNERS:
+        return run_command(argv[0], argv[1:])
+    if argv[0] == "install-lm-eval-hook":
+        a = parse_settings(HookConfig, argv[1:], "umim-eval install-lm-eval-hook")
+        path = install_hook(a.site, a.remove)
+        print(("removed " if a.remove else "installed ") + path)
         return 0
-    parser.print_help()
-    return 0 if args.command is None and not argv else 2
+    raise UserError(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
 
 
 if __name__ == "__main__":
