@@ -87,7 +87,7 @@ class KTokenMerge(PromptMerger):
         (scoring, generation, ratio 0) runs the adapted model.
         """
         from umim.fingerprint import tokenizer_fingerprint
-        from umim.ktoken.training import ADAPTER_DIR, load_adapter
+        from umim.ktoken.lora import ADAPTER_DIR, load_adapter
 
         path = Path(path)
         fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None

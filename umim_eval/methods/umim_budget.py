@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from umim.errors import UserError
 from umim.inference.generation import MergedLM
+from umim.inference.loading import merging_missing
 from umim_eval.methods.base import MergedPrompt, PromptMerger, check_ratio, n_removed
 
 SCORES = ("count", "length", "alignment")
@@ -114,7 +115,7 @@ class UMIMBudget(PromptMerger):
                  split_matches: bool = True) -> UMIMBudget:
         """The run's merger and rules at target TR ``ratio``."""
         if run is None:
-            raise UserError("method 'umim_budget' needs a merger and rules (run_dir, or merger + rules)")
+            raise merging_missing("method 'umim_budget'")
         run.require_merging("method 'umim_budget'")
         return cls(merged_lm=run, ratio=ratio, score=score, alignment=alignment, split_matches=split_matches)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from umim.errors import UserError
 from umim.inference.generation import MergedLM
+from umim.inference.loading import merging_missing
 from umim_eval.methods.base import MergedPrompt, PromptMerger
 
 
@@ -33,7 +33,7 @@ class UMIMMerge(PromptMerger):
     def from_run(cls, run: MergedLM, ratio: float = 0.0) -> UMIMMerge:
         """The run's merger and rules; ``ratio`` is ignored (the rules fix the TR)."""
         if run is None:
-            raise UserError("method 'umim' needs a merger and rules (run_dir, or merger + rules)")
+            raise merging_missing("method 'umim'")
         run.require_merging("method 'umim'")
         return cls(merged_lm=run)
 
