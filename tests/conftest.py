@@ -89,3 +89,29 @@ def make_tiny_lm(arch: str, vocab: int, context: int = 128, eager: bool = False)
     if eager:
         lm.set_attn_implementation("eager")  # attention weights are returned only by eager attention
     return lm.eval()
+
+
+def make_tiny_llama_run(root: Path) -> Path:
+    """``root/lm``: a seeded tiny Llama + a BPE tokenizer trained on Python's documentation, saved as a
+    Hugging Face folder; ``root/corpus``: those 60 documents as local text files. Returns ``root``."""
+    from pydoc_data.topics import topics
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    texts = [topics[k] for k in sorted(topics)[:60]]
+    tok = make_tiny_tokenizer([line for t in texts for line in t.splitlines() if line.strip()], vocab_size=300)
+    tok.add_special_tokens({"eos_token": "[PAD]"})
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        initializer_range=0.1,  # peaked next-token distributions, so merging visibly changes them
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, t in enumerate(texts):
+        (corpus / f"{i:03d}.txt").write_text(t)
+    return root

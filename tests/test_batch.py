@@ -9,12 +9,15 @@ from torch import nn
 
 from umim.merging.batch import (
     AlignmentError,
+    add_segments,
     aligned_hidden,
     build_merged_batch,
     check_segments,
 )
 from umim.merging.matcher import SpanMatcher
 from umim.merging.merger import MergeModule, MergerConfig
+from umim.merging.span_encoder import RuleSegmenter
+from umim.rules.store import MergeRules
 
 D, VOCAB = 8, 20
 
@@ -82,7 +85,7 @@ def test_merger_called_once_per_batch_with_all_spans():
     build_merged_batch(input_ids, seg_start, seg_len, emb, merger, lengths)
     assert len(calls) == 1
     shape, mask = calls[0]
-    assert shape == (4, 4, D)  # 4 merged spans in the batch, padded to MAX_SPAN
+    assert shape == (4, 4, D)  # 4 merged spans in the batch, padded to the merger's max_span
     assert mask.sum(1).tolist() == [2, 2, 2, 3]
 
 
@@ -189,3 +192,26 @@ def test_with_matcher_segments_random_batch():
                 assert tp == starts[b, s] + lens[b, s] - 1 and o2c[tp] == s
     t, s = aligned_hidden(torch.randn(B, L, D), torch.randn(B, batch.inputs_embeds.shape[1], D), batch)
     assert len(t) == len(s) == int(batch.loss_mask.sum()) > 0
+
+
+@pytest.mark.parametrize("longest", [2, 3, 5])
+def test_span_width_comes_from_the_rules(longest):
+    """The rules' longest n-gram sets the longest segment and the width the merger sees (no fixed
+    longest n: a 5-gram rule is merged whole), and a segment longer than it is refused."""
+    emb, merger = setup_modules()
+    gram = list(range(1, longest + 1))
+    rules = MergeRules(ngrams={longest: np.array([gram])}, counts={longest: np.array([7])},
+                       tokenizer={"vocab_size": VOCAB})
+    ids = torch.tensor([gram + [9, 9] + gram, [9] + gram + [9] * (longest + 1)])
+    batch = add_segments({"input_ids": ids, "lengths": torch.tensor([2 * longest + 2, 2 * longest + 2])},
+                         RuleSegmenter(rules))
+    seen = []
+    merger.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    merged = build_merged_batch(ids, batch["seg_start"], batch["seg_len"], emb, merger, batch["lengths"],
+                                batch["max_span"])
+    assert batch["max_span"] == longest and int(batch["seg_len"].max()) == longest
+    assert seen == [(3, longest, D)]  # three occurrences, each one span of the rule's length
+    assert merged.num_compressed == merged.num_original - 3 * (longest - 1)
+    with pytest.raises(AlignmentError):  # a longer segment than the segmenter's longest span
+        too_long = [(0, longest + 1)] + [(i, 1) for i in range(longest + 1, 2 * longest + 2)]
+        build_merged_batch(ids, *segs_tensor([too_long] * 2), emb, merger, batch["lengths"], longest)

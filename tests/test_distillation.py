@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama_run
 
 from umim.cli import main
 from umim.fingerprint import tokenizer_fingerprint
@@ -22,34 +23,10 @@ from umim.training.datamodule import SegmentCollator, UMIMDataModule
 from umim.training.distillation import UMIMDistillation
 
 
-def _pydoc_paragraphs(n: int) -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)[:n]]
-
-
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory, tiny_tokenizer_factory):
+def tiny_setup(tmp_path_factory):
     """A tiny Llama + its tokenizer saved as a HF folder, and a local English corpus folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("tiny")
-    texts = _pydoc_paragraphs(60)
-    tok = tiny_tokenizer_factory([line for t in texts for line in t.splitlines() if line.strip()], vocab_size=300)
-    tok.add_special_tokens({"eos_token": "[PAD]"})
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        initializer_range=0.1,  # peaked next-token distributions, so merging visibly changes them
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, t in enumerate(texts):
-        (corpus / f"{i:03d}.txt").write_text(t)
-    return root
+    return make_tiny_llama_run(tmp_path_factory.mktemp("tiny"))
 
 
 def _datamodule(root, rules_dir, **kw):

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import make_tiny_llama_run, make_tiny_lm
 
 from umim.cli import UMIMCLI, build_cli, main
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
@@ -29,7 +29,6 @@ from umim.ktoken.training import (
     KTokenLoRA,
     KTokenSettings,
     LoRASettings,
-    segmented,
     task_loss,
 )
 from umim.lm import LMSpec, load_lm, load_tokenizer
@@ -45,27 +44,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory, tiny_tokenizer_factory):
+def tiny_setup(tmp_path_factory):
     """A tiny Llama + its tokenizer saved as a HF folder, and a local English corpus folder."""
-    from pydoc_data.topics import topics
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("ktoken")
-    texts = [topics[k] for k in sorted(topics)[:60]]
-    tok = tiny_tokenizer_factory([line for t in texts for line in t.splitlines() if line.strip()], vocab_size=300)
-    tok.add_special_tokens({"eos_token": "[PAD]"})
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, t in enumerate(texts):
-        (corpus / f"{i:03d}.txt").write_text(t)
-    return root
+    return make_tiny_llama_run(tmp_path_factory.mktemp("ktoken"))
 
 
 def _trainer(tmp_path, steps: int, **kw) -> L.Trainer:
@@ -88,7 +69,7 @@ def _datamodule(root, **kw) -> KTokenDataModule:
 @pytest.mark.parametrize("k", KS)
 def test_encoder_starts_as_block_mean(k):
     enc = KTokenEncoder(KTokenConfig(hidden_size=16, k=k))
-    x = torch.randn(5, 4, 16)  # padded to 4 like build_merged_batch pads every span
+    x = torch.randn(5, 4, 16)  # padded to 4 >= K, as a segmenter with longer spans pads them
     mask = torch.arange(4)[None].expand(5, 4) < k
     torch.testing.assert_close(enc(x, mask), x[:, :k].mean(1), atol=0, rtol=0)
     assert sum(p.numel() for p in enc.parameters()) == k * 16 * 16 + 16 + 16 * 16 + 16
@@ -228,6 +209,32 @@ def test_distillation_lowers_loss_and_keeps_lm_frozen(tiny_setup, tmp_path):
     assert not (tmp_path / "export" / "adapter").exists()
 
 
+def test_one_distillation_module_and_data_module_for_either_encoder(tiny_setup, tmp_path):
+    """The K-token encoder cuts its own K-blocks even from batches the merge rules segmented; UMIM's
+    merger refuses blocks that no segmenter has cut; the K-token data module takes no rules."""
+    from umim.errors import UserError
+    from umim.training.datamodule import SpanDataModule, UMIMDataModule
+    from umim.training.distillation import SpanDistillation, UMIMDistillation
+
+    assert issubclass(KTokenDistillation, SpanDistillation) and issubclass(UMIMDistillation, SpanDistillation)
+    assert issubclass(KTokenDataModule, SpanDataModule) and UMIMDataModule is SpanDataModule
+    lm = LMSpec(str(tiny_setup / "lm"))
+    ruled = UMIMDataModule(corpus=str(tiny_setup / "corpus"), lm=lm, rules=str(tmp_path / "rules"), block_size=64,
+                           batch_size=4, max_train_blocks=4, max_eval_blocks=4)
+    ruled.prepare_data()
+    ruled.setup("fit")
+    assert "seg_start" in next(iter(ruled.val_dataloader()))
+    module = KTokenDistillation(lm=lm, ktoken=KTokenSettings(k=4))
+    out = _trainer(tmp_path, 1).validate(module, dataloaders=ruled.val_dataloader(), verbose=False)[0]
+    assert out["val/tr"] == pytest.approx(100 * 8 * 3 / 64)  # K-blocks, not the rules' spans
+    whole = _datamodule(tiny_setup)
+    assert "seg_start" not in next(iter(whole.val_dataloader()))
+    with pytest.raises(UserError, match="segmented by the data module"):
+        _trainer(tmp_path, 1).validate(UMIMDistillation(lm=lm), dataloaders=whole.val_dataloader(), verbose=False)
+    with pytest.raises(UserError, match="no rules"):
+        KTokenDataModule(corpus=str(tiny_setup / "corpus"), lm=lm, rules=str(tmp_path / "rules"))
+
+
 def test_lora_trains_only_adapters_and_encoder(tiny_setup, tmp_path):
     dm = _datamodule(tiny_setup)
     module = KTokenLoRA(lm=LMSpec(str(tiny_setup / "lm")), ktoken=KTokenSettings(k=2),
@@ -271,7 +278,8 @@ def test_task_loss_covers_the_text_after_the_prefix(tiny_setup):
     lm = load_lm(LMSpec(str(tiny_setup / "lm")))
     enc = KTokenEncoder(KTokenConfig(hidden_size=32, k=3))
     ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
-    batch = segmented({"input_ids": ids, "lengths": torch.tensor([20, 14])}, 3, torch.tensor([4, 0]))
+    seg_start, seg_len = kblock_segments(torch.tensor([20, 14]), 3, torch.tensor([4, 0]))
+    batch = {"input_ids": ids, "lengths": torch.tensor([20, 14]), "seg_start": seg_start, "seg_len": seg_len}
     loss, merged = task_loss(lm, enc, batch)
     with torch.no_grad():
         # row 0: 12 merged tokens -> 4 elements, then tokens 12..19; the text after the prefix is 12..19

@@ -1,15 +1,19 @@
 """K-Token Merging: every merged block of K contiguous prompt tokens becomes ONE embedding.
 
-Two parts, both consumed by the shared merged-batch machinery (:func:`umim.merging.batch.build_merged_batch`):
+Two parts, the two interfaces of :mod:`umim.merging.span_encoder`, both consumed by the shared
+merged-batch machinery (:func:`umim.merging.batch.build_merged_batch`):
 
-* :func:`kblock_segments` -- the segmentation. A row of ``n`` valid tokens is cut into ``m`` full
+* :class:`KBlockSegmenter` (a :class:`~umim.merging.span_encoder.Segmenter`, built on
+  :func:`kblock_segments`) -- the segmentation. A row of ``n`` valid tokens is cut into ``m`` full
   K-blocks at its START (original positions ``0 .. mK-1``), followed by ``n - mK`` single tokens.
   The earliest tokens are merged and the prompt's recent tail stays token by token, because the
   tokens just before the continuation matter most for the next prediction. Blocks never reach past
   the valid length, so padding is never merged (and never becomes a segment at all).
-* :class:`KTokenEncoder` -- the lightweight encoder: block mean + a two-layer MLP correction of the
-  concatenated block (``K d -> d``, ReLU, ``d -> d``). The last layer starts at zero, so an
-  untrained encoder returns exactly the block mean.
+* :class:`KTokenEncoder` (a :class:`~umim.merging.span_encoder.SpanEncoder`) -- the lightweight
+  encoder: block mean + a two-layer MLP correction of the concatenated block (``K d -> d``, ReLU,
+  ``d -> d``). The last layer starts at zero, so an untrained encoder returns exactly the block mean.
+
+K is the block size (tokens per merged block) everywhere.
 
 Token reduction: merging ``m`` blocks of ``n`` tokens removes ``m (K - 1)`` positions, so
 ``TR = m (K - 1) / n`` and at most ``(K - 1) / K`` (every token in a full block).
@@ -21,20 +25,24 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from umim.errors import UserError
+from umim.merging.span_encoder import Segmenter, SpanEncoder
 from umim.module_io import config_with_digest
+from umim.rules.store import MAX_N
 from umim.safe_io import check_replaceable
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "encoder.safetensors"
 FORMAT = "umim-ktoken"
-K_CHOICES = (2, 3, 4)  # build_merged_batch handles spans of at most 4 tokens (umim.merging.batch.MAX_SPAN)
+K_CHOICES = tuple(range(2, MAX_N + 1))  # the span lengths rules may hold: both methods merge spans alike
 
 
 def check_k(k: int) -> int:
@@ -69,7 +77,7 @@ def kblock_segments(
     Parameters
     ----------
     lengths : [B] long, valid tokens of each row.
-    k : tokens per merged block (2, 3 or 4).
+    k : tokens per merged block (one of ``K_CHOICES``).
     n_blocks : [B] long (or one int for every row), K-blocks to merge per row; must satisfy
         ``n_blocks * k <= lengths`` so no block reaches into padding.
 
@@ -99,6 +107,46 @@ def kblock_segments(
     return start.masked_fill(~valid, 0), length.masked_fill(~valid, 0)
 
 
+def prefix_blocks(lengths: torch.Tensor, k: int, fraction: torch.Tensor | float) -> torch.Tensor:
+    """[B] long, full K-blocks in the leading ``fraction`` ([B] or scalar) of each row's ``lengths`` [B]."""
+    frac = torch.as_tensor(fraction, dtype=torch.float64, device=lengths.device)
+    return torch.floor(frac * lengths.double() / k).long().clamp(min=0).minimum(lengths // k)
+
+
+@dataclass
+class KBlockSegmenter(Segmenter):
+    """The full K-blocks in a leading share of each row, then single tokens (:func:`kblock_segments`)."""
+
+    k: int
+    """Tokens per merged block K."""
+    fraction: float | Sequence[float] = 1.0
+    """Leading share of each row's valid tokens that is merged: one value, or ``[lo, hi]`` drawn
+    uniformly per row."""
+    seed: int = 0
+    """Seed of those draws (the same seed draws the same shares, e.g. in a resumed run)."""
+
+    def __post_init__(self):
+        check_k(self.k)
+
+    @property
+    def max_span(self) -> int:
+        return self.k
+
+    def n_blocks(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B] long, K-blocks merged in each row of ``lengths`` [B]."""
+        if isinstance(self.fraction, (int, float)):
+            return prefix_blocks(lengths, self.k, float(self.fraction))
+        lo, hi = self.fraction
+        g = torch.Generator().manual_seed(self.seed)
+        shares = lo + (hi - lo) * torch.rand(len(lengths), generator=g, dtype=torch.float64)
+        return prefix_blocks(lengths, self.k, shares)
+
+    def segment_batch(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        starts, lens = kblock_segments(lengths, self.k, self.n_blocks(lengths))
+        return starts.numpy(), lens.numpy()
+
+
 @dataclass
 class KTokenConfig:
     """Settings of a :class:`KTokenEncoder`."""
@@ -106,7 +154,7 @@ class KTokenConfig:
     hidden_size: int
     """Embedding size d of the target LM."""
     k: int = 4
-    """Tokens per merged block (2, 3 or 4)."""
+    """Tokens per merged block K (one of ``K_CHOICES``)."""
     lm_name: str = ""
     """Name of the LM the encoder is trained for (informational)."""
     tokenizer: dict | None = None
@@ -124,7 +172,7 @@ def is_ktoken_dir(path: Path) -> bool:
         return False
 
 
-class KTokenEncoder(nn.Module):
+class KTokenEncoder(SpanEncoder):
     """Merge K token embeddings into one: ``mean(x) + W2 relu(W1 [x_1; ...; x_K] + b1) + b2``.
 
     The MLP sees the blocks' tokens concatenated, in order, because the mean alone cannot tell
@@ -147,12 +195,20 @@ class KTokenEncoder(nn.Module):
         nn.init.zeros_(self.down.weight)
         nn.init.zeros_(self.down.bias)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def max_span(self) -> int:
+        return self.config.k  # it merges blocks of exactly K tokens
+
     def forward(self, span_embeds: torch.Tensor, span_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Parameters
         ----------
         span_embeds : [N, n_max, d] static token embeddings of N blocks, right-padded to ``n_max >= K``
-            (``build_merged_batch`` pads every span to 4).
+            (``build_merged_batch`` pads every span to the segmenter's largest span).
         span_mask : [N, n_max] bool, True for real tokens; every row must hold exactly K of them, first
             (default: the first K columns).
 

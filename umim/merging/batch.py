@@ -9,16 +9,15 @@ are identical there), as are padded segments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from umim.merging.merger import MergeModule
+from umim.merging.span_encoder import Segmenter, SpanEncoder
 from umim.rules.store import MAX_N
-
-MAX_SPAN = MAX_N  # spans of 2..4 tokens
 
 
 class AlignmentError(RuntimeError):
@@ -47,8 +46,9 @@ class MergedBatch:
     num_compressed: int
 
 
-def check_segments(seg_start: np.ndarray, seg_len: np.ndarray, lengths: np.ndarray) -> None:
-    """Raise :class:`AlignmentError` unless each row's segments tile ``[0, length)`` in order."""
+def check_segments(seg_start: np.ndarray, seg_len: np.ndarray, lengths: np.ndarray, max_span: int = MAX_N) -> None:
+    """Raise :class:`AlignmentError` unless each row's segments tile ``[0, length)`` in order and none
+    is longer than ``max_span`` (the segmenter's largest span; default the rules format's bound)."""
     valid = seg_len > 0
     ends = seg_start + seg_len
     nxt = np.where(valid[:, 1:], seg_start[:, 1:], -1)
@@ -57,8 +57,19 @@ def check_segments(seg_start: np.ndarray, seg_len: np.ndarray, lengths: np.ndarr
     starts_ok = (seg_start[:, 0] == 0) | (lengths == 0)
     # real segments must come first (no gaps of padding between them)
     packed = ~(valid[:, 1:] & ~valid[:, :-1]).any(axis=1) if valid.shape[1] > 1 else np.ones(len(valid), bool)
-    if not (contiguous.all() and (total == lengths).all() and starts_ok.all() and packed.all() and (seg_len <= MAX_SPAN).all() and (seg_len >= 0).all()):
+    in_range = (seg_len >= 0).all() and (seg_len <= max_span).all()
+    if not (contiguous.all() and (total == lengths).all() and starts_ok.all() and packed.all() and in_range):
         raise AlignmentError("segments do not tile the sequence; refusing to build a misaligned batch")
+
+
+def add_segments(batch: dict[str, torch.Tensor], segmenter: Segmenter) -> dict:
+    """``batch`` (``input_ids`` [B, L], ``lengths`` [B]) plus its checked segmentation by ``segmenter``:
+    ``seg_start``/``seg_len`` [B, S] long (CPU) and ``max_span`` (int, the width spans are padded to)."""
+    ids, lengths = batch["input_ids"].cpu().numpy(), batch["lengths"].cpu().numpy()
+    starts, lens = segmenter.segment_batch(ids, lengths)
+    check_segments(starts, lens, lengths, segmenter.max_span)
+    return {**batch, "seg_start": torch.from_numpy(starts), "seg_len": torch.from_numpy(lens),
+            "max_span": segmenter.max_span}
 
 
 def build_merged_batch(
@@ -66,25 +77,30 @@ def build_merged_batch(
     seg_start: torch.Tensor,
     seg_len: torch.Tensor,
     embeddings: nn.Module,
-    merger: MergeModule,
+    encoder: SpanEncoder | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     lengths: torch.Tensor | None = None,
+    max_span: int | None = None,
 ) -> MergedBatch:
-    """Assemble the compressed input of a batch; the merger is called once on all its spans.
+    """Assemble the compressed input of a batch; the span encoder is called once on all its spans.
 
     Parameters
     ----------
     input_ids : [B, L] long original token ids (right-padded).
-    seg_start, seg_len : [B, S] long segmentation from :class:`~umim.merging.matcher.SpanMatcher`.
+    seg_start, seg_len : [B, S] long segmentation from a :class:`~umim.merging.span_encoder.Segmenter`.
     embeddings : the frozen LM's input embedding module (``model.get_input_embeddings()``).
-    merger : the merge module.
+    encoder : the span encoder (``[N, n_max, d]`` + mask ``[N, n_max]`` -> ``[N, d]``); a plain
+        function of that signature works too.
     lengths : [B] valid lengths (default: all L).
+    max_span : n_max, the width spans are padded to: the segmenter's largest span (default the
+        encoder's ``max_span``, for a plain function the batch's longest segment).
     """
     B, L = input_ids.shape
     device = input_ids.device
     if lengths is None:
         lengths = torch.full((B,), L, dtype=torch.long, device=device)
+    n_max = max_span or getattr(encoder, "max_span", None) or max(int(seg_len.max()) if seg_len.numel() else 1, 1)
     if seg_start.device.type == "cpu":  # on accelerators the collate step already checked (no sync)
-        check_segments(seg_start.numpy(), seg_len.numpy(), lengths.cpu().numpy())
+        check_segments(seg_start.numpy(), seg_len.numpy(), lengths.cpu().numpy(), n_max)
     seg_start, seg_len = seg_start.to(device), seg_len.to(device)
     S = seg_start.shape[1]
     valid = seg_len > 0
@@ -92,11 +108,11 @@ def build_merged_batch(
     embeds = embeddings(input_ids.gather(1, seg_start))  # [B, S, d]
     merged = seg_len > 1
     b_idx, s_idx = merged.nonzero(as_tuple=True)
-    offs = torch.arange(MAX_SPAN, device=device)
-    span_mask = offs[None, :] < seg_len[b_idx, s_idx, None]  # [K, MAX_SPAN]
+    offs = torch.arange(n_max, device=device)
+    span_mask = offs[None, :] < seg_len[b_idx, s_idx, None]  # [N, n_max] for the N merged spans
     cols = (seg_start[b_idx, s_idx, None] + offs[None, :]).clamp(max=L - 1)
-    span_ids = input_ids[b_idx[:, None], cols]  # [K, MAX_SPAN]
-    surrogates = merger(embeddings(span_ids), span_mask)  # [K, d], one call for the whole batch
+    span_ids = input_ids[b_idx[:, None], cols]  # [N, n_max]
+    surrogates = encoder(embeddings(span_ids), span_mask)  # [N, d], one call for the whole batch
     embeds = embeds.index_put((b_idx, s_idx), surrogates)
     embeds = embeds * valid[..., None].to(embeds.dtype)
 

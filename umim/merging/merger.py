@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from umim.errors import UserError
+from umim.merging.span_encoder import SpanEncoder
 from umim.module_io import config_with_digest
 from umim.safe_io import check_replaceable, replace_dir, staging_dir
 
@@ -53,8 +54,8 @@ class MergerConfig:
     """Tokenizer fingerprint of that LM; a merger refuses to load for another vocabulary."""
 
 
-class MergeModule(nn.Module):
-    """Pool span embeddings ``[K, n, d]`` (with padding mask) into surrogates ``[K, d]``."""
+class MergeModule(SpanEncoder):
+    """Pool span embeddings ``[N, n, d]`` (with padding mask) into surrogates ``[N, d]``."""
 
     def __init__(self, config: MergerConfig):
         super().__init__()
@@ -79,28 +80,32 @@ class MergeModule(nn.Module):
             self.v_proj.weight.copy_(torch.eye(self.config.hidden_size))
             self.o_proj.weight.copy_(torch.eye(self.config.hidden_size))
 
-    def forward(self, span_embeds: torch.Tensor, span_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """
-        Parameters
-        ----------
-        span_embeds : [K, n_max, d] static token embeddings of K spans, right-padded.
-        span_mask : [K, n_max] bool, True for real tokens (default: all real).
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
 
-        Returns
-        -------
-        [K, d] surrogate embeddings, in the dtype of ``span_embeds``.
-        """
-        K, n, d = span_embeds.shape
+    @property
+    def max_span(self) -> int:
+        """Attention pooling takes spans of any length; rules hold at most the format's ``MAX_N``."""
+        # imported here: the rules store may import this module
+        from umim.rules.store import MAX_N
+
+        return MAX_N
+
+    def forward(self, span_embeds: torch.Tensor, span_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, d] surrogates of N right-padded spans ``span_embeds`` [N, n_max, d] whose real tokens
+        ``span_mask`` [N, n_max] marks (default: all), in their dtype (:meth:`SpanEncoder.forward`)."""
+        N, n, d = span_embeds.shape
         x = span_embeds.to(self.k_proj.weight.dtype)
         if self.token_processor is not None:
             x = self.token_processor(x)
-        k = self.k_proj(x).view(K, n, self.num_heads, self.head_dim)
-        v = self.v_proj(x).view(K, n, self.num_heads, self.head_dim)
-        scores = torch.einsum("knhd,hd->khn", k, self.query) / math.sqrt(self.head_dim)  # [K, h, n]
+        k = self.k_proj(x).view(N, n, self.num_heads, self.head_dim)
+        v = self.v_proj(x).view(N, n, self.num_heads, self.head_dim)
+        scores = torch.einsum("knhd,hd->khn", k, self.query) / math.sqrt(self.head_dim)  # [N, h, n]
         if span_mask is not None:
             scores = scores.masked_fill(~span_mask[:, None, :], float("-inf"))
         weights = scores.softmax(dim=-1)
-        pooled = torch.einsum("khn,knhd->khd", weights, v).reshape(K, d)
+        pooled = torch.einsum("khn,knhd->khd", weights, v).reshape(N, d)
         return self.o_proj(pooled).to(span_embeds.dtype)
 
     # -- persistence -------------------------------------------------------------------------------
@@ -119,12 +124,26 @@ class MergeModule(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None):
+        """Save this merger as :meth:`save_pretrained` does and upload it to hub repo ``repo_id``
+        (created when missing) on branch ``revision``; returns the commit's ``CommitInfo``."""
+        from umim.hub import push_saved
+
+        return push_saved(self.save_pretrained, repo_id, what="merger", private=private, revision=revision,
+                          commit_message=commit_message, token=token)
+
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, hidden_size: int | None = None, tokenizer_fp: dict | None = None
+        cls, path: str | os.PathLike, hidden_size: int | None = None, tokenizer_fp: dict | None = None, *,
+        revision: str | None = None, subfolder: str | None = None,
     ) -> "MergeModule":
-        """Load a saved merger; refuse it if it was trained for another hidden size or tokenizer."""
+        """Load a saved merger from a folder or a hub repo id "org/name" (fetched into the hub cache;
+        ``revision`` and ``subfolder`` pick the branch/tag/commit and the folder in it); refuse it if
+        it was trained for another hidden size or tokenizer."""
+        from umim.hub import resolve
         from umim.module_io import load_module_folder
 
-        return load_module_folder(cls, MergerConfig, path, "umim-merger", "UMIM merger", WEIGHTS_NAME, hidden_size,
+        folder = resolve(path, revision=revision, subfolder=subfolder, files=(CONFIG_NAME, WEIGHTS_NAME), what="merger")
+        return load_module_folder(cls, MergerConfig, folder, "umim-merger", "UMIM merger", WEIGHTS_NAME, hidden_size,
                                   tokenizer_fp, CONFIG_NAME)

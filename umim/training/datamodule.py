@@ -2,14 +2,17 @@
 
 ``prepare_data`` tokenizes and caches every split and mines the merge rules from the training
 split when no rules file exists yet (then saves them, so later runs and other ranks reuse them).
-Each batch is segmented in the collate function with the shared :class:`~umim.merging.matcher.SpanMatcher`,
-on CPU worker processes, and the segmentation is checked there.
+Each batch is segmented in the collate function by the rules'
+:class:`~umim.merging.span_encoder.RuleSegmenter`, on CPU worker processes, and the segmentation is
+checked there. A data module whose model cuts its own spans (K-token blocks: K is an encoder
+setting) leaves the blocks whole and mines nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -19,7 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from umim.errors import UserError
 from umim.fingerprint import tokenizer_fingerprint
 from umim.lm import LMSpec, cache_dir, context_length, load_tokenizer
-from umim.merging.batch import check_segments
+from umim.merging.batch import add_segments
+from umim.merging.span_encoder import RuleSegmenter, Segmenter
 from umim.rules.corpus import tokenized_corpus
 from umim.rules.mining import FILTER_STAGES, mine_rules
 from umim.rules.store import MergeRules, is_rules_dir
@@ -49,22 +53,19 @@ def pack_blocks(ids: np.ndarray, offsets: np.ndarray, block_size: int, sep: int 
 
 
 class SegmentCollator:
-    """Stack blocks and segment them with the rules (picklable for worker processes)."""
+    """Stack blocks and segment them (picklable for worker processes).
 
-    def __init__(self, rules: MergeRules):
-        self.matcher = rules.matcher
+    ``segmenter``: a :class:`~umim.merging.span_encoder.Segmenter`, merge rules (their longest-match
+    segmenter), or None to leave the blocks whole for the model's own segmenter.
+    """
 
-    def __call__(self, blocks: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def __init__(self, segmenter: Segmenter | MergeRules | None):
+        self.segmenter = RuleSegmenter(segmenter) if isinstance(segmenter, MergeRules) else segmenter
+
+    def __call__(self, blocks: list[np.ndarray]) -> dict:
         ids = np.stack(blocks)
-        lengths = np.full(len(ids), ids.shape[1], dtype=np.int64)
-        starts, lens = self.matcher.segment_batch(ids, lengths)
-        check_segments(starts, lens, lengths)
-        return {
-            "input_ids": torch.from_numpy(ids),
-            "lengths": torch.from_numpy(lengths),
-            "seg_start": torch.from_numpy(starts),
-            "seg_len": torch.from_numpy(lens),
-        }
+        batch = {"input_ids": torch.from_numpy(ids), "lengths": torch.full((len(ids),), ids.shape[1], dtype=torch.long)}
+        return batch if self.segmenter is None else add_segments(batch, self.segmenter)
 
 
 class ResumableSampler(DistributedSampler):
@@ -126,8 +127,13 @@ class ResumableLoader(DataLoader):
         self.sampler.start = state["batches_done"] * self.batch_size
 
 
-class UMIMDataModule(L.LightningDataModule):
-    """Packed blocks of a corpus with their segmentation under the merge rules."""
+class SpanDataModule(L.LightningDataModule):
+    """Packed blocks of a corpus with their segmentation under the merge rules (or, for a model that
+    cuts its own spans, without: see ``uses_rules``)."""
+
+    uses_rules: ClassVar[bool] = True
+    """Whether blocks are segmented here, by the merge rules (mined when missing); False leaves them
+    whole for the model's own segmenter and takes no ``rules``/``mining``."""
 
     def __init__(
         self,
@@ -149,12 +155,15 @@ class UMIMDataModule(L.LightningDataModule):
         corpus : corpus spec (see ``umim.rules.corpus``), e.g. ``hf:Salesforce/wikitext:wikitext-103-raw-v1``.
         lm : the target LM (its tokenizer is used); linked from ``model.lm`` by the CLI.
         rules : merge-rules directory; mined from the training split and saved there if missing
-            (default: ``<trainer.default_root_dir>/rules``).
+            (default: ``<trainer.default_root_dir>/rules``). The longest span is the rules' longest n-gram.
         mining : settings for that mining.
         block_size : tokens per training block (paper: 512; 1024 for DeepScaleR).
         max_train_blocks, max_eval_blocks : caps on the number of blocks (random subset, seeded).
         """
         super().__init__()
+        if not self.uses_rules and (rules is not None or mining is not None):
+            raise UserError(f"{type(self).__name__} leaves segmentation to the model (K-token blocks): "
+                            "it takes no rules or mining settings")
         self.corpus, self.lm = corpus, lm or LMSpec()
         self.mining = mining or MiningSettings()
         self.block_size, self.batch_size = block_size, batch_size
@@ -172,7 +181,7 @@ class UMIMDataModule(L.LightningDataModule):
         if self.rules_dir is not None:
             return Path(self.rules_dir)
         if self.trainer is None:
-            raise UserError("UMIMDataModule: give rules=FOLDER when it is used without a Trainer")
+            raise UserError(f"{type(self).__name__}: give rules=FOLDER when it is used without a Trainer")
         return Path(self.trainer.default_root_dir) / "rules"
 
     # -- preparation -------------------------------------------------------------------------------
@@ -189,7 +198,7 @@ class UMIMDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         for split in ("train", "validation", "test"):
             self._tokens(split)
-        if not (self.rules_path / "rules.json").is_file():
+        if self.uses_rules and not (self.rules_path / "rules.json").is_file():
             check_writable_dir(self.rules_path)  # before mining, not after it
             check_replaceable(self.rules_path, is_rules_dir, "rules")
             m = self.mining
@@ -207,7 +216,7 @@ class UMIMDataModule(L.LightningDataModule):
             raise UserError(f"data.block_size {self.block_size} exceeds the LM's context of {limit} positions: "
                             "lower --data.block_size")
         tok = self.get_tokenizer()
-        self.rules = self.load_rules()
+        self.rules = self.load_rules() if self.uses_rules else None
         rng = np.random.default_rng(self.seed)
         for split, cap in (("train", self.max_train_blocks), ("validation", self.max_eval_blocks), ("test", self.max_eval_blocks)):
             blocks = pack_blocks(*self._tokens(split), self.block_size, tok.eos_token_id)
@@ -217,14 +226,18 @@ class UMIMDataModule(L.LightningDataModule):
                 blocks = blocks[np.sort(rng.choice(len(blocks), cap, replace=False))]
             self.blocks[split] = blocks
 
-    def load_rules(self) -> MergeRules | None:
-        """The rules batches are segmented with (a subclass that segments otherwise may return None)."""
+    def load_rules(self) -> MergeRules:
+        """The rules batches are segmented with, checked against the LM's tokenizer."""
         return MergeRules.load(self.rules_path, tokenizer=self.get_tokenizer())
 
     # -- loaders -----------------------------------------------------------------------------------
-    def collator(self):
-        """Collate function of every loader: stack the blocks and segment them with the rules."""
-        return SegmentCollator(self.rules)
+    def segmenter(self) -> Segmenter | None:
+        """The segmenter of every batch: the rules' longest match (None: the model segments)."""
+        return RuleSegmenter(self.rules) if self.rules is not None else None
+
+    def collator(self) -> SegmentCollator:
+        """Collate function of every loader: stack the blocks and segment them."""
+        return SegmentCollator(self.segmenter())
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(list(self.blocks[split]), batch_size=self.eval_batch_size, collate_fn=self.collator(),
@@ -249,3 +262,7 @@ class UMIMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+UMIMDataModule = SpanDataModule
+"""UMIM's data module: the blocks segmented by the merge rules."""

@@ -99,6 +99,9 @@ class ExportAndReport(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.out_dir is None:
             self.out_dir = Path(trainer.default_root_dir)
+        if getattr(pl_module, "encoder_name", None) != "merger":
+            raise UserError(f"ExportAndReport exports UMIM's merger and rules, {type(pl_module).__name__} trains "
+                            "another encoder: drop the callback (K-token modules export to their export_dir)")
         if stage == "fit":  # refuse before training, not after it
             check_writable_dir(self.out_dir)
             self._check_outputs()

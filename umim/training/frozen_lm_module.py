@@ -1,26 +1,49 @@
-"""What every LightningModule that trains a small module around a frozen LM shares (UMIM's merger,
-the K-token encoder): the LM kept in eval mode, one ``_step`` for train/val/test, AdamW with linear
-warmup + cosine decay over the trainable parameters only, the TR logged per stage, and checkpoints
-without the frozen LM's weights."""
+"""What every LightningModule that trains a span encoder around a frozen LM shares (UMIM's merger,
+the K-token encoder): the LM loaded and kept in eval mode, the encoder built from a seed, each batch
+segmented (by the data module, or by the model's own segmenter), one step for train/val/test, AdamW
+with linear warmup + cosine decay over the trainable parameters only, the TR logged per stage, and
+checkpoints without the frozen LM's weights."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
+from typing import ClassVar
 
 import lightning as L
 import torch
 
+from umim.errors import UserError
+from umim.fingerprint import tokenizer_fingerprint
+from umim.lm import LMSpec, load_lm, load_tokenizer
+from umim.merging.batch import MergedBatch, add_segments
+from umim.merging.span_encoder import Segmenter, SpanEncoder
 from umim.training.alignment_metrics import PositionMeanLoss, TokenReduction
 
 STAGES = ("train", "val", "test")
 
 
 class FrozenLMModule(L.LightningModule):
-    """Base class: subclasses build ``self.lm`` in ``configure_model`` and define :meth:`_step`
-    and :meth:`trainable_parameters`."""
+    """Base class: a frozen LM (``self.lm``) and a trainable span encoder at ``encoder_name``.
 
-    def __init__(self, lr: float, weight_decay: float, warmup_ratio: float):
+    Subclasses choose the encoder (:meth:`build_encoder`), optionally a segmenter of their own
+    (:meth:`segmenter`; otherwise batches come segmented by the data module) and the objective
+    (:meth:`loss`).
+    """
+
+    encoder_name: ClassVar[str] = "encoder"
+    """Attribute the span encoder lives at; its checkpoint keys start with it."""
+    settings_args: ClassVar[tuple[str, ...]] = ()
+    """Init arguments holding settings dataclasses; the subclass records them as plain dicts."""
+
+    def __init__(self, lm: LMSpec | dict | None, lr: float, weight_decay: float, warmup_ratio: float, seed: int):
         super().__init__()
-        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.lm_spec = LMSpec(**lm) if isinstance(lm, dict) else (lm or LMSpec())
+        self.lr, self.weight_decay, self.warmup_ratio, self.seed = lr, weight_decay, warmup_ratio, seed
+        # every class's init arguments; plain dicts in checkpoints, so they load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["lm", *self.settings_args])
+        self.hparams.update(lm=asdict(self.lm_spec))
         self.lm = None
+        setattr(self, self.encoder_name, None)
         self.tr = torch.nn.ModuleDict({f"{s}_tr": TokenReduction() for s in STAGES})
         self.eval_loss = torch.nn.ModuleDict({f"{s}_loss": PositionMeanLoss() for s in STAGES if s != "train"})
         self.strict_loading = False  # checkpoints hold the trained weights only, not the frozen LM
@@ -31,9 +54,51 @@ class FrozenLMModule(L.LightningModule):
             self.lm.eval()  # the frozen LM never runs dropout while the small module trains
         return self
 
+    # -- model -------------------------------------------------------------------------------------
+    @property
+    def span_encoder(self) -> SpanEncoder | None:
+        """The trainable span encoder (None until :meth:`configure_model`)."""
+        return getattr(self, self.encoder_name)
+
+    def build_encoder(self, hidden_size: int, tokenizer_fp: dict) -> SpanEncoder:
+        """A fresh span encoder for an LM of ``hidden_size`` and that tokenizer (seeded by the caller)."""
+        raise NotImplementedError(f"{type(self).__name__} builds no span encoder")
+
+    def configure_model(self) -> None:
+        """Load the frozen LM and build the encoder (idempotent; Lightning calls it before fitting)."""
+        if self.lm is not None:
+            return
+        self.lm = load_lm(self.lm_spec)
+        fp = tokenizer_fingerprint(load_tokenizer(self.lm_spec))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            setattr(self, self.encoder_name, self.build_encoder(self.lm.get_input_embeddings().embedding_dim, fp))
+
     # -- steps -------------------------------------------------------------------------------------
+    def segmenter(self, stage: str) -> Segmenter | None:
+        """The model's own segmenter for ``stage`` (its encoder merges only those spans); None: batches
+        come segmented by the data module."""
+        return None
+
+    def segment(self, batch: dict[str, torch.Tensor], stage: str) -> dict:
+        """``batch`` with its segmentation: the model's own when it has one, else the data module's."""
+        own = self.segmenter(stage)
+        if own is not None:
+            return add_segments(batch, own)
+        if "seg_start" not in batch:
+            raise UserError(f"{type(self).__name__} trains on batches segmented by the data module: use "
+                            "UMIMDataModule (merge rules), not a data module that leaves blocks whole")
+        return batch
+
+    def loss(self, batch: dict, stage: str) -> tuple[torch.Tensor, MergedBatch]:
+        """The objective on a segmented batch: (scalar loss, merged batch). Each subclass defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no training objective")
+
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} defines no step")
+        batch = self.segment(batch, stage)
+        loss, merged = self.loss(batch, stage)
+        self.log_step(loss, merged, batch["input_ids"].shape[0], stage)
+        return loss
 
     def log_step(self, loss: torch.Tensor, merged, batch_size: int, stage: str) -> None:
         """Log the loss and the stage's running TR (``merged``: the step's :class:`MergedBatch`)."""
@@ -57,7 +122,7 @@ class FrozenLMModule(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        raise NotImplementedError(f"{type(self).__name__} names no trainable parameters")
+        return list(self.span_encoder.parameters())
 
     def configure_optimizers(self):
         from transformers import get_cosine_schedule_with_warmup
@@ -85,8 +150,6 @@ class FrozenLMModule(L.LightningModule):
 
     def check_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint trained for another LM (before its weights meet this model's)."""
-        from umim.errors import UserError
-
         saved = (checkpoint.get("hyper_parameters") or {}).get("lm") or {}
         mine = getattr(getattr(self, "lm_spec", None), "name_or_path", None)
         if saved.get("name_or_path") and mine and saved["name_or_path"] != mine:

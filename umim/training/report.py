@@ -73,7 +73,7 @@ def evaluate_alignment(
         chunk = list(blocks[i : i + batch_size])
         teacher_h = None
         for collate, merger, metrics, tr, kl, n_aligned in state.values():
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
             if teacher_h is None:
                 teacher_h = teacher_hidden(lm, batch)
             loss, merged = distill_forward(lm, merger, batch, metrics if own else None, chunk_size, teacher_h=teacher_h)
