@@ -253,9 +253,11 @@ def main() -> None:
         res["results"].append({"method": name.strip(), "texts": nt, "tokens": tok, "seconds": sec,
                                "tokens_per_s": tps, "speedup_vs_p3": tps / p3_tps, "token_reduction": tr})
     print(f"(TR of the matcher on the same {k3} texts as Pseudocode 3: {tr_matcher_k3:.3f}; "
-          f"Pseudocode 3 per text: min {min(p3_times):.3f} s, mean {np.mean(p3_times):.3f} s, max {max(p3_times):.3f} s)")
+          f"Pseudocode 3 per text: min {min(p3_times):.3f} s, mean {np.mean(p3_times):.3f} s, "
+          f"max {max(p3_times):.3f} s)")
     best_tps = n_tok / min(t_seg, t_batch)
-    print(f"goals: >= 100x vs Pseudocode 3: segment {n_tok / t_seg / p3_tps:.0f}x, batch {n_tok / t_batch / p3_tps:.0f}x; "
+    print(f"goals: >= 100x vs Pseudocode 3: segment {n_tok / t_seg / p3_tps:.0f}x, "
+          f"batch {n_tok / t_batch / p3_tps:.0f}x; "
           f">= 2M tokens/s on one core: best {best_tps / 1e6:.2f}M -> {'OK' if best_tps >= 2e6 else 'MISSED'}")
     res.update(p3_seconds_per_text=p3_times, p3_sets_seconds=t_sets, tr_p3=tr_p3, tr_matcher=tr_matcher,
                tr_matcher_same_texts=tr_matcher_k3)

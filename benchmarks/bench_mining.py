@@ -213,9 +213,11 @@ def main() -> None:
             rows = [ctr, vec]
     results["comparison"] = rows
 
-    print(f"\nn-grams with count >= {args.min_count}: " + ", ".join(f"n={n}: {c:,}" for n, c in vec["num_ngrams"].items()))
+    print(f"\nn-grams with count >= {args.min_count}: "
+          + ", ".join(f"n={n}: {c:,}" for n, c in vec["num_ngrams"].items()))
     print(f"\n== {args.tokens:,} tokens: Counter vs count_ngrams ==")
-    hdr = f"{'method':<24}{'seconds':>10}{'tokens/s':>14}{'speedup':>9}{'peak RSS GB':>13}{'ΔRSS GB':>10}{'tracemalloc GB':>16}"
+    hdr = (f"{'method':<24}{'seconds':>10}{'tokens/s':>14}{'speedup':>9}"
+           f"{'peak RSS GB':>13}{'ΔRSS GB':>10}{'tracemalloc GB':>16}")
     print(hdr)
     print("-" * len(hdr))
     ref = rows[0]["seconds"]
@@ -260,7 +262,8 @@ def main() -> None:
               f"goal <= 120 s: {'OK' if ok_t else 'MISSED'}")
         print(f"  peak RSS    {proj['peak_rss'] / GB:8.2f} GB  ({proj['peak_rss_per_token']:.0f} B/token)  "
               f"goal <= 8 GB: {'OK' if ok_m else 'MISSED'}")
-        print(f"  tracemalloc {proj['tracemalloc_peak'] / GB:8.2f} GB  ({proj['tracemalloc_peak_per_token']:.0f} B/token)")
+        print(f"  tracemalloc {proj['tracemalloc_peak'] / GB:8.2f} GB  "
+              f"({proj['tracemalloc_peak_per_token']:.0f} B/token)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

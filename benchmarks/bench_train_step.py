@@ -56,7 +56,8 @@ def main() -> None:
         t0 = time.perf_counter()
         batch = collate(chunk)
         t1 = time.perf_counter()
-        merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(), merger, batch["lengths"])
+        merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"],
+                                    lm.get_input_embeddings(), merger, batch["lengths"])
         t2 = time.perf_counter()
         th = teacher_hidden(lm, batch)
         t3 = time.perf_counter()

@@ -118,7 +118,8 @@ def main() -> int:
         print(json.dumps(fig), flush=True)
     print("\n| strategy | tokens/s | peak GPU memory (GiB) | last.ckpt (MiB) | wall (s) |\n|---|---|---|---|---|")
     for f in figures:
-        print(f"| {f['strategy']} | {f['tokens_per_s']:,.0f} | {f['peak_memory_gib']} | {f['checkpoint_mib']} | {f['wall_s']} |")
+        print(f"| {f['strategy']} | {f['tokens_per_s']:,.0f} | {f['peak_memory_gib']} | "
+              f"{f['checkpoint_mib']} | {f['wall_s']} |")
     return 0
 
 

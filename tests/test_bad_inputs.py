@@ -197,7 +197,8 @@ def changed(path: Path, before: dict[str, str]) -> list[str]:
 def describe(e: BaseException) -> str:
     """``Type: message @ file:line`` (the innermost frame outside this file), then the traceback's last 3 lines."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename != __file__]
-    where = f" @ {os.path.relpath(frames[-1].filename, ROOT)}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    where = (f" @ {os.path.relpath(frames[-1].filename, ROOT)}:{frames[-1].lineno} in {frames[-1].name}"
+             if frames else "")
     msg = " ".join(str(e).split())[:400]
     tail = "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip().splitlines()[-3:]
     return f"{type(e).__name__}: {msg}{where}\n  traceback tail:\n    " + "\n    ".join(tail)
@@ -600,7 +601,8 @@ GENERATE_CASES = [
          ("--prompt", "prompt")),
     Case("device-unknown", [*GEN, "--device", "nonsense"], "nonsense"),
 ]
-GENERATE_CASES += [Case(f"merger-{name}", GEN_TMP, "<tmp>/run/merger", damaged("merger", mut)) for name, mut in MERGER_BAD]
+GENERATE_CASES += [Case(f"merger-{name}", GEN_TMP, "<tmp>/run/merger", damaged("merger", mut))
+                   for name, mut in MERGER_BAD]
 GENERATE_CASES += [Case(f"rules-{name}", GEN_TMP, "<tmp>/run/rules", damaged("rules", mut)) for name, mut in RULES_BAD]
 
 
@@ -974,7 +976,8 @@ API_CASES = [
 ]
 API_CASES += [Case(f"merger-load-{name}", load_merger(), "<tmp>/run/merger", damaged("merger", mut))
               for name, mut in MERGER_BAD]
-API_CASES += [Case(f"rules-load-{name}", load_rules(), "<tmp>/run/rules", damaged("rules", mut)) for name, mut in RULES_BAD]
+API_CASES += [Case(f"rules-load-{name}", load_rules(), "<tmp>/run/rules", damaged("rules", mut))
+              for name, mut in RULES_BAD]
 
 
 @pytest.mark.parametrize("case", API_CASES, ids=ids(API_CASES))

@@ -10,7 +10,8 @@ from umim.training.distillation import UMIMDistillation
 
 # UMIM's configs; those that pick another LightningModule by class_path (conf/ktoken.yaml) are parsed
 # by the tests of that module
-CONF = sorted(p for p in (Path(__file__).parents[1] / "conf").glob("*.yaml") if not names_model_class(["--config", str(p)]))
+CONF = sorted(p for p in (Path(__file__).parents[1] / "conf").glob("*.yaml")
+              if not names_model_class(["--config", str(p)]))
 
 
 class ParseOnlyCLI(UMIMCLI):
@@ -34,7 +35,8 @@ def test_config_parses(path):
 
 
 def test_paper_settings():
-    assert {p.name for p in CONF} >= {"default.yaml", "gpt2xl.yaml", "llama3.2-1b.yaml", "llama3.1-8b.yaml", "deepscaler-1.5b.yaml"}
+    assert {p.name for p in CONF} >= {"default.yaml", "gpt2xl.yaml", "llama3.2-1b.yaml", "llama3.1-8b.yaml",
+                                      "deepscaler-1.5b.yaml"}
     for name in ("gpt2xl", "llama3.2-1b", "llama3.1-8b", "deepscaler-1.5b"):
         cfg = parse("--config", str(CONF[0].parent / f"{name}.yaml"))
         assert cfg.trainer.max_epochs == 15 and cfg.model.lr == 8e-4 and cfg.model.weight_decay == 1e-3
@@ -48,7 +50,8 @@ def test_paper_settings():
 
 def test_unknown_key_is_refused(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((CONF[0].parent / "default.yaml").read_text().replace("  block_size: 256", "  block_size: 256\n  blok_size: 3"))
+    bad.write_text((CONF[0].parent / "default.yaml").read_text().replace("  block_size: 256",
+                                                                         "  block_size: 256\n  blok_size: 3"))
     with pytest.raises(SystemExit):
         parse("--config", str(bad))
     assert "blok_size" in capsys.readouterr().err

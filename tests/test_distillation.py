@@ -48,7 +48,8 @@ def test_identity_when_nothing_merges(tiny_setup):
     merger = MergeModule(MergerConfig(hidden_size=lm.get_input_embeddings().embedding_dim))
     for rules in (empty, unmatched):
         batch = SegmentCollator(rules)(list(ids.numpy()))
-        merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(), merger)
+        merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"],
+                                    lm.get_input_embeddings(), merger)
         with torch.no_grad():
             plain = lm(input_ids=ids).logits
             via_merge = lm(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask).logits
@@ -79,7 +80,8 @@ def test_training_lowers_loss_and_keeps_lm_frozen(tiny_setup, tmp_path):
         assert torch.equal(v, lm_before[k]), f"frozen LM parameter {k} changed"
     assert all(not p.requires_grad for p in module.lm.parameters())
     changed = [k for k, v in module.merger.state_dict().items() if not torch.equal(v, merger_before[k])]
-    assert set(changed) == set(merger_before), f"merger parameters that did not train: {set(merger_before) - set(changed)}"
+    assert set(changed) == set(merger_before), \
+        f"merger parameters that did not train: {set(merger_before) - set(changed)}"
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in module.merger.parameters()}
 
@@ -154,7 +156,8 @@ data:
     assert 0 < rows["trained, rules extra"]["tr"] < rows["trained"]["tr"]
     assert rows["trained"]["tr"] == rows["untrained"]["tr"] > 0
     assert rows["trained, rules no filter"]["tr"] >= rows["trained"]["tr"]
-    merger = MergeModule.from_pretrained(out / "merger", tokenizer_fp=tokenizer_fingerprint(load_tokenizer(LMSpec(str(tiny_setup / "lm")))))
+    merger = MergeModule.from_pretrained(
+        out / "merger", tokenizer_fp=tokenizer_fingerprint(load_tokenizer(LMSpec(str(tiny_setup / "lm")))))
     rules = MergeRules.load(out / "rules")
     assert len(rules) > 0 and merger.config.hidden_size == 32
     assert (out / "metrics.md").read_text().startswith("| eval set |")

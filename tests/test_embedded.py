@@ -39,11 +39,14 @@ def test_embedded_model_is_the_real_smollm2(smollm):
 
 def test_identity_without_merges_on_embedded_model(smollm):
     lm, tok = smollm
-    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 6, add_special_tokens=False)["input_ids"]])
-    empty = MergeRules(ngrams={2: np.zeros((0, 2), int)}, counts={2: np.zeros(0, int)}, tokenizer=tokenizer_fingerprint(tok))
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 6,
+                            add_special_tokens=False)["input_ids"]])
+    empty = MergeRules(ngrams={2: np.zeros((0, 2), int)}, counts={2: np.zeros(0, int)},
+                       tokenizer=tokenizer_fingerprint(tok))
     batch = SegmentCollator(empty)(list(ids.numpy()))
     merger = MergeModule(MergerConfig(hidden_size=576))
-    merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"], lm.get_input_embeddings(), merger)
+    merged = build_merged_batch(batch["input_ids"], batch["seg_start"], batch["seg_len"],
+                                lm.get_input_embeddings(), merger)
     with torch.no_grad():
         assert torch.equal(lm(input_ids=ids).logits, lm(inputs_embeds=merged.inputs_embeds).logits)
 

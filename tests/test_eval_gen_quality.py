@@ -53,7 +53,8 @@ def test_rouge_by_hand():
     # unigrams: the, cat, on, the, mat shared: 5/6; the LCS has the same 5 tokens
     assert r["rouge1"] == pytest.approx(100 * 5 / 6) and r["rougeL"] == pytest.approx(100 * 5 / 6)
     # two pairs: the mean of per-pair F1 (second pair identical -> 100)
-    assert gm.rouge(["the cat sat on the mat", "dog"], ["the cat lay on the mat", "dog"])["rouge2"] == pytest.approx(30.0)
+    assert gm.rouge(["the cat sat on the mat", "dog"],
+                    ["the cat lay on the mat", "dog"])["rouge2"] == pytest.approx(30.0)
 
 
 def test_rouge_lsum_uses_newline_sentences():
@@ -141,9 +142,12 @@ def test_mauve_identical_and_far_apart_features():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(40, 8))
     assert gm.mauve_from_features(a, a.copy(), num_buckets=4) == pytest.approx(100.0)
-    far = np.zeros((20, 8)); far[:, 0] = 1
-    far_q = np.zeros((20, 8)); far_q[:, 1] = 1
-    far += 0.01 * rng.normal(size=far.shape); far_q += 0.01 * rng.normal(size=far_q.shape)
+    far = np.zeros((20, 8))
+    far[:, 0] = 1
+    far_q = np.zeros((20, 8))
+    far_q[:, 1] = 1
+    far += 0.01 * rng.normal(size=far.shape)
+    far_q += 0.01 * rng.normal(size=far_q.shape)
     assert gm.mauve_from_features(far, far_q, num_buckets=2) < 5.0
     with pytest.raises(ValueError, match="at least 4 samples"):
         gm.mauve_from_features(a[:3], a, num_buckets=4)

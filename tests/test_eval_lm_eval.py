@@ -204,7 +204,8 @@ def test_cli_end_to_end(assets, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root = assets["root"]
     tasks, out = _write_tasks(root), root / "out"
-    rc = main(["lm-eval", "--model", "umim", "--model_args", f"pretrained={assets['lm']},run_dir={assets['run']},merge=prompt",
+    rc = main(["lm-eval", "--model", "umim",
+               "--model_args", f"pretrained={assets['lm']},run_dir={assets['run']},merge=prompt",
                "--tasks", "umim_tiny_mc,umim_tiny_ppl", "--include_path", str(tasks), "--device", "cpu",
                "--batch_size", "2", "--output_path", str(out)])
     assert rc == 0
@@ -230,7 +231,8 @@ def test_generate_until_new_text_and_stops(assets, hf_lm):
     full = gen(plain, ctx, until=[], max_gen_toks=12)
     assert full == gen(hf_lm, ctx, until=[], max_gen_toks=12)  # the project's loop = HF greedy
     ids = plain.tok_encode(ctx)
-    res = plain.umim.generate([ids], "none", __import__("umim.inference.generation", fromlist=["x"]).SamplingConfig(max_new_tokens=12))[0]
+    res = plain.umim.generate(
+        [ids], "none", __import__("umim.inference.generation", fromlist=["x"]).SamplingConfig(max_new_tokens=12))[0]
     assert full == res.text.split("[PAD]")[0] and full.strip() and not full.startswith(ctx)
     # a stop string from the middle of the generation: the text ends right before it
     toks = res.generated_ids

@@ -146,8 +146,8 @@ def test_math_end_to_end(setup, tmp_path):
 def test_math_ratio_zero_methods_equal_base(setup):
     """Sampled with the same seeds: compressors at ratio 0 give base's answers token for token."""
     m, path = setup
-    cfg = _cfg(path, methods=["base", "select_context", "streaming_llm"], match="fixed", ratio=0.0, batch_size=1, keep_texts=True,
-               datasets={"aime2024": MathDataset(str(path))})
+    cfg = _cfg(path, methods=["base", "select_context", "streaming_llm"], match="fixed", ratio=0.0, batch_size=1,
+               keep_texts=True, datasets={"aime2024": MathDataset(str(path))})
     res = run_math(cfg, progress=False, merged_lm=m)
     seqs = [[t for p in res["problems"]["aime2024"] for t in p[name]["texts"]] for name in cfg.methods]
     assert len(seqs[0]) == 3 * cfg.n and seqs[0] == seqs[1] == seqs[2]

@@ -252,7 +252,8 @@ def generation_results(tiny, tmp_path_factory):
                                          out_dir=str(out / "summarize")), progress=False, merged_lm=tiny["m"])
     math_ = run_math(MathConfig(datasets={"arithmetic": MathDataset("local:arithmetic", question_field="problem")},
                                 n_problems=2, k=2, n=2, max_new_tokens=6, chat_template=False, batch_size=2,
-                                methods=["base", "umim"], out_dir=str(out / "math")), progress=False, merged_lm=tiny["m"])
+                                methods=["base", "umim"], out_dir=str(out / "math")),
+                     progress=False, merged_lm=tiny["m"])
     return summ, math_
 
 

@@ -236,3 +236,159 @@ def test_long_stop_strings_are_found_and_cli_stops_read_escapes(setup):
     r = m.generate(PROMPTS[0], "none", SamplingConfig(max_new_tokens=60, stop_strings=[stop]))[0]
     assert r.stop_reason == "stop_string" and stop not in r.text and len(r.generated_ids) < 60
     assert _unescape(r"\n\n") == "\n\n" and _unescape(r"a\tb\\n") == "a\tb\\n"
+
+
+# -- the decoder's pieces: cache object, stop checker, trace recorder, streaming, keyword settings --------
+
+
+def test_merging_cache_rollback_and_compaction_equal_recompute(setup):
+    """Two left-padded rows: rolling back entries (cut at batch 1, masked at batch 2) and compacting
+    give the logits of one plain forward over each row's remaining sequence."""
+    from umim.inference.kv_cache import MergingCache
+
+    lm = setup[0]
+    torch.manual_seed(0)
+    d = lm.get_input_embeddings().embedding_dim
+    seqs = [torch.randn(9, d), torch.randn(5, d)]  # each row's sequence so far, [S_b, d]
+    steps = torch.randn(4, 2, 1, d)
+
+    def recompute(b):
+        with torch.no_grad():
+            return lm(inputs_embeds=seqs[b][None]).logits[0, -1].float()
+
+    with torch.no_grad():
+        for rows in ([0], [0, 1]):
+            cache = MergingCache(lm, compact_every=100)
+            logits = cache.prefill([seqs[b] for b in rows])
+            assert cache.mask.shape == (len(rows), 9) and cache.next_pos == [len(seqs[b]) for b in rows]
+            assert cache.mask[:, -len(seqs[rows[-1]]) :].all()
+            assert int(cache.mask.sum()) == sum(len(seqs[b]) for b in rows)
+            for j, b in enumerate(rows):
+                assert torch.allclose(logits[j], recompute(b), atol=1e-5)
+            base = [s.clone() for s in seqs]
+            for i, k in enumerate([[0, 0], [2, 0], [0, 3], [1, 1]]):
+                k = k[: len(rows)]
+                cache.rollback(k)
+                for j, b in enumerate(rows):
+                    seqs[b] = torch.cat([seqs[b][: len(seqs[b]) - k[j]], steps[i, b]])
+                if i == 2:
+                    cache.compact()  # valid slots gathered to the right: T = the longest row
+                    assert cache.mask.shape[1] == kv_cache.cache_length(cache.cache) == max(cache.lengths())
+                logits = cache.step(steps[i, rows], [True] * len(rows))
+                for j, b in enumerate(rows):
+                    assert torch.allclose(logits[j], recompute(b), atol=1e-4)
+            assert cache.lengths() == [len(seqs[b]) for b in rows] == cache.next_pos
+            if len(rows) == 1:  # one row is cut, never masked
+                assert kv_cache.cache_length(cache.cache) == len(seqs[0]) and bool(cache.mask.all())
+            seqs = base
+
+
+def test_stop_check_reasons_in_order(tok):
+    from umim.inference.decoding import StopCheck, cut_at_stop
+
+    cfg = SamplingConfig(max_new_tokens=4, eos_token_id=[7, 9])
+    stop = StopCheck(cfg, context=20, default_eos=3)  # the config's EOS set wins over the default
+    assert stop([], 5) is None and stop([], 20) == "context"
+    assert stop([1, 9], 7) == "eos" and stop([3], 7) is None
+    assert stop([1, 2, 3, 9], 30) == "eos"  # EOS before max_new_tokens before context
+    assert stop([1, 2, 3, 4], 30) == "max_new_tokens" and stop([1, 2], 19) is None and stop([1, 2], 20) == "context"
+    assert StopCheck(SamplingConfig(), default_eos=3)([5, 3], 9) == "eos"
+    ids = tok("bind names to values", add_special_tokens=False)["input_ids"]
+    words = StopCheck(SamplingConfig(max_new_tokens=50, stop_strings=["to val"]), tokenizer=tok)
+    assert words(ids[:2], 9) is None and words(ids, 9) == "stop_string"
+    assert cut_at_stop("bind names to values", ["to val", "names"]) == "bind "
+    assert cut_at_stop("bind", ["x"]) == "bind"
+    with pytest.raises(ValueError, match="tokenizer"):
+        StopCheck(SamplingConfig(stop_strings=["x"]))
+
+
+def test_trace_recorder_follows_merges():
+    """An element merged away later no longer survives at its recorded position; NoTrace records nothing."""
+    from umim.inference.trace import NoTrace, TraceRecorder
+
+    rec, e = TraceRecorder(), torch.arange(12.0).reshape(3, 1, 4)
+    rec.start([e[0, :, :].repeat(3, 1)])  # 3 prompt elements
+    rec.record(torch.zeros(1, 5), [2], [True])  # prefill: logits of element 2
+    rec.step(e[1:2], [0], [True])  # element 3 at position 3
+    rec.record(torch.ones(1, 5), [3], [True])
+    rec.step(e[2:3], [2], [True])  # merges elements 2 and 3 away: the surrogate sits at position 2
+    rec.record(torch.full((1, 5), 2.0), [2], [True])
+    rec.step(e[2:3], [0], [False])  # a finished row records nothing
+    rec.record(torch.full((1, 5), 3.0), [3], [False])
+    t = rec.result(0)
+    assert t["position"].tolist() == [2, 3, 2] and t["survives"].tolist() == [False, False, True]
+    assert t["logits"][:, 0].tolist() == [0.0, 1.0, 2.0] and torch.equal(t["embeds"][-1], e[2, 0])
+    assert len(t["embeds"]) == 3 and NoTrace().result(0) is None
+
+
+@pytest.mark.parametrize("mode", ["none", "prompt", "dynamic"])
+def test_stream_equals_generate(setup, mode):
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    for p, sampling in ((PROMPTS[0], SAMPLED), (PROMPTS[1], GREEDY)):
+        want = m.generate(p, mode, sampling)[0]
+        got = list(m.stream(p, mode, sampling))
+        assert [t.id for t in got] == want.generated_ids
+        assert "".join(t.text for t in got) == tok.decode(want.generated_ids, skip_special_tokens=False)
+        assert [t.stop_reason for t in got] == [None] * (len(got) - 1) + [want.stop_reason]
+        assert kv_cache.cache_length(m.last_cache) == want.kv_len_final
+    # a stop string ends the stream on the same token
+    stop = tok.decode(want.generated_ids[5:7])
+    want = m.generate(PROMPTS[1], mode, max_new_tokens=24, stop_strings=[stop])[0]
+    got = list(m.stream(PROMPTS[1], mode, max_new_tokens=24, stop_strings=[stop]))
+    assert [t.id for t in got] == want.generated_ids and got[-1].stop_reason == want.stop_reason == "stop_string"
+    with pytest.raises(ValueError, match="one prompt"):
+        m.stream(PROMPTS, mode)  # raised at the call, before any decoding
+
+
+def test_stream_text_pieces_hold_back_split_characters(tiny_tokenizer_factory):
+    """With byte-level tokens a character may span several tokens: pieces never show half of one,
+    and they join to the decoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from umim.inference.decoding import TextPieces
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["plain words and more words"] * 4, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    text = "words 日本語 and café — more"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # the rare characters are split into byte tokens
+    pieces = TextPieces(tok)
+    out = [pieces.push(i) for i in ids] + [pieces.flush()]
+    assert "".join(out) == tok.decode(ids) == text and not any("\ufffd" in p for p in out)
+    assert "" in out  # some byte tokens were held back
+
+
+def test_keyword_settings(setup):
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    kw = m.generate(PROMPTS[0], max_new_tokens=8, do_sample=True, seed=4, top_k=10)[0]
+    cfg = m.generate(PROMPTS[0], "dynamic", SamplingConfig(max_new_tokens=8, do_sample=True, seed=4, top_k=10))[0]
+    assert kw.generated_ids == cfg.generated_ids and kw.segments == cfg.segments and len(kw.generated_ids) == 8
+    from umim.inference.generation import GenerationError
+
+    for call, words in ((lambda: m.generate("x", max_new_token=8), ("max_new_token", "unknown")),
+                        (lambda: m.generate("x", sampling=GREEDY, max_new_tokens=8), ("max_new_tokens", "not both")),
+                        (lambda: m.generate("x", temperature="hot"), ("temperature", "hot")),
+                        (lambda: m.stream("x", top_q=0.5), ("top_q",))):
+        with pytest.raises(GenerationError) as e:
+            call()
+        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_batch_with_a_row_stopped_at_the_context(setup):
+    """A row stopped by the context keeps feeding masked dummies while the others go on: the dummies
+    stay inside the position table (GPT-2 learns absolute positions), and every row equals its
+    batch-of-one run."""
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    long = list(range(5, 5 + 100))
+    batch = m.generate([long, PROMPTS[2]], "dynamic", max_new_tokens=60, compact_every=5)
+    assert batch[0].stop_reason == "context" and len(batch[0].generated_ids) < len(batch[1].generated_ids)
+    for p, rb in zip([long, PROMPTS[2]], batch):
+        r1 = m.generate(p, "dynamic", max_new_tokens=60)[0]
+        assert rb.generated_ids == r1.generated_ids and rb.segments == r1.segments

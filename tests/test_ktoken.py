@@ -266,7 +266,8 @@ def test_lora_trains_only_adapters_and_encoder(tiny_setup, tmp_path):
     ids = tok(" ".join(["the list of keywords in the expression"] * 4))["input_ids"]
     with torch.no_grad():
         module.eval()
-        mine = continuation_nll_from(module.lm, prompt_inputs(KTokenMerge(module.encoder, 0.3), module.lm, tok, ids[:-5]), ids[-5:])
+        mine = continuation_nll_from(
+            module.lm, prompt_inputs(KTokenMerge(module.encoder, 0.3), module.lm, tok, ids[:-5]), ids[-5:])
         theirs = continuation_nll_from(fresh, prompt_inputs(method, fresh, tok, ids[:-5]), ids[-5:])
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="LoRA adapter"):

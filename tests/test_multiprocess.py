@@ -117,7 +117,8 @@ def test_ddp_and_sharded_export_the_same_merger(runs):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert json.loads((runs.root / "llama3.1-8b-ddp" / "metrics.json").read_text())["train"]["strategy"] == "DDPStrategy"
+    assert (json.loads((runs.root / "llama3.1-8b-ddp" / "metrics.json").read_text())["train"]["strategy"]
+            == "DDPStrategy")
 
 
 def test_val_loss_equals_one_process(runs):

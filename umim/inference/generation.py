@@ -22,17 +22,24 @@ row's merges: masks and positions are per row.
 
 After the last sampled token the loop feeds it too (one extra step), so the final cache holds the
 whole text — ``kv_len_final`` equals the number of segments — ready to continue.
+
+Code: one step loop (:meth:`MergedLM._steps`) serves :meth:`MergedLM.generate` (a batch, results
+at the end) and :meth:`MergedLM.stream` (one prompt, token by token). The cache, its mask and the
+rows' positions live in :class:`~umim.inference.kv_cache.MergingCache`; picking and stopping in
+:mod:`umim.inference.decoding` (shared with KV-policy decoding); traces in :mod:`umim.inference.trace`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -41,8 +48,10 @@ from transformers import (
 
 from umim.errors import UserError
 from umim.fingerprint import tokenizer_fingerprint
-from umim.inference import kv_cache
-from umim.lm import LMSpec, cache_kwargs
+from umim.inference.decoding import StopCheck, TextPieces, TokenPicker, cut_at_stop
+from umim.inference.kv_cache import MergingCache
+from umim.inference.trace import NoTrace, TraceRecorder
+from umim.lm import LMSpec
 from umim.merging.merger import MergeModule
 from umim.rules.store import MergeRules
 
@@ -70,7 +79,12 @@ class SamplingConfig:
 
     def __post_init__(self):
         bad = None
-        if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
+        kinds = {"temperature": numbers.Real, "top_p": numbers.Real, "top_k": numbers.Integral}
+        wrong_type = [k for k, kind in kinds.items()
+                      if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), kind)]
+        if wrong_type:
+            bad = f"{wrong_type[0]} {getattr(self, wrong_type[0])!r}: give a number"
+        elif type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
             bad = f"max_new_tokens {self.max_new_tokens!r}: give a positive number of tokens"
         elif not 0.0 < self.top_p <= 1.0:
             bad = f"top_p {self.top_p!r}: give a probability mass in (0, 1] (1 disables top-p)"
@@ -84,6 +98,24 @@ class SamplingConfig:
             bad = f"stop strings {self.stop_strings!r}: each must be a non-empty string"
         if bad:
             raise GenerationError(bad)
+
+    @classmethod
+    def from_settings(cls, sampling: SamplingConfig | None = None, settings: dict | None = None) -> SamplingConfig:
+        """The settings of one decoding call: ``sampling``, or keyword ``settings`` named like the
+        fields (``max_new_tokens=8, do_sample=True``), or the defaults."""
+        names = [f.name for f in fields(cls)]
+        if settings:
+            if sampling is not None:
+                raise GenerationError(f"settings {', '.join(settings)}: give them in sampling or as keywords, not both")
+            unknown = [k for k in settings if k not in names]
+            if unknown:
+                raise GenerationError(f"unknown setting {unknown[0]!r}; choose from {', '.join(names)}")
+            return cls(**settings)
+        if sampling is None:
+            return cls()
+        if not isinstance(sampling, cls):
+            raise GenerationError(f"sampling must be a SamplingConfig, not {type(sampling).__name__}")
+        return sampling
 
     def processors(self) -> LogitsProcessorList:
         """The warpers HF ``generate`` applies, in its order (temperature, top-k, top-p)."""
@@ -130,6 +162,16 @@ class GenerationResult:
         }
 
 
+class StreamToken(NamedTuple):
+    """One token of :meth:`MergedLM.stream`."""
+
+    id: int
+    text: str
+    """The text this token adds ("" while it is part of an unfinished character)."""
+    stop_reason: str | None
+    """Set on the last token: ``"eos"``, ``"stop_string"``, ``"max_new_tokens"`` or ``"context"``."""
+
+
 class _Row:
     """Per-row bookkeeping of the merged sequence (O(1) Python work per step)."""
 
@@ -143,8 +185,21 @@ class _Row:
                 break
             tail.insert(0, prompt[s])
         self.tail = tail
-        self.stop_reason = "max_new_tokens"
-        self.trace: dict | None = None
+        self.stop_reason: str | None = None
+
+    def push(self, tok: int, n: int) -> tuple[int, ...] | None:
+        """Add the segment of the newest generated token ``tok``; with ``n`` > 0 it merges with the
+        last n-1 single-token steps into one segment, whose n-gram is returned."""
+        i = len(self.prompt) + len(self.generated) - 1  # original index of tok
+        if not n:
+            self.segments.append((i, 1))
+            self.tail = (self.tail + [tok])[-3:]
+            return None
+        gram = tuple(self.tail[len(self.tail) - n + 1 :] + [tok])
+        del self.segments[len(self.segments) - n + 1 :]
+        self.segments.append((i - n + 1, n))
+        self.tail = []
+        return gram
 
 
 class MergedLM:
@@ -185,7 +240,9 @@ class MergedLM:
     def require_merging(self, what: str = "UMIM merging") -> None:
         """Raise a user error naming ``what`` when this LM has no merger or no rules."""
         if self.merger is None or self.rules is None:
-            raise UserError(f"{what} needs a merger and rules (run_dir, or merger + rules)")
+            from umim.inference.loading import merging_missing
+
+            raise merging_missing(what)
 
     def token_reduction(self, ids: list[int]) -> float:
         """UMIM's TR on one sequence: ``1 - segments / tokens`` of its longest-match segmentation."""
@@ -212,7 +269,8 @@ class MergedLM:
             return
         n_max = max(map(len, todo))
         ids = torch.tensor([list(g) + [g[0]] * (n_max - len(g)) for g in todo], device=self.lm.device)
-        mask = torch.arange(n_max, device=ids.device)[None] < torch.tensor([len(g) for g in todo], device=ids.device)[:, None]
+        lengths = torch.tensor([len(g) for g in todo], device=ids.device)
+        mask = torch.arange(n_max, device=ids.device)[None] < lengths[:, None]
         out = self.merger(self.embed(ids).float(), mask).to(self.embed.weight.dtype)  # [K, d]
         self._surrogates.update(zip(todo, out))
 
@@ -234,13 +292,6 @@ class MergedLM:
             if len(tail) >= n - 1 and tuple(tail[len(tail) - n + 1 :] + [tok]) in self._rule_set(n):
                 return n
         return 0
-
-    @staticmethod
-    def _record(row: "_Row", logits: torch.Tensor, position: int) -> None:
-        t = row.trace
-        t["logits"].append(logits.clone())
-        t["position"].append(position)
-        t["element"].append(t["ids"][position])
 
     # -- decoding ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> list[list[int]]:
@@ -268,149 +319,119 @@ class MergedLM:
             out.append(ids)
         return out
 
-    @torch.no_grad()
-    def generate(self, prompts, mode: str = "dynamic", sampling: SamplingConfig | None = None,
-                 compact_every: int = 16, trace: bool = False) -> list[GenerationResult]:
-        """Generate for a batch of prompts (strings or token-id lists)."""
+    def _start(self, prompts, mode: str, sampling: SamplingConfig | None, settings: dict
+               ) -> tuple[list[_Row], SamplingConfig]:
+        """Check the call; each prompt segmented by the shared matcher (single tokens in mode ``none``)."""
         if mode not in MODES:
             raise GenerationError(f"unknown merge mode {mode!r}; choose from {MODES}")
         if mode != "none":
             self.require_merging(f"merge mode {mode!r}")
-        cfg = sampling or SamplingConfig()
-        if not isinstance(cfg, SamplingConfig):
-            raise GenerationError(f"sampling must be a SamplingConfig, not {type(cfg).__name__}")
+        cfg = SamplingConfig.from_settings(sampling, settings)
         ids_list = self._prompt_ids(prompts)
-        stop_window = 16 + max(map(len, cfg.stop_strings), default=0)  # tokens enough to spell any stop string
-        eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.tokenizer.eos_token_id
-        eos_set = set([eos] if isinstance(eos, int) else (eos or []))
-        procs = cfg.processors()
-        if cfg.do_sample and cfg.seed is not None:
-            torch.manual_seed(cfg.seed)  # HF generate samples from the global generator too
-
-        # prompt segmentation: the shared matcher, or single tokens
-        B = len(ids_list)
         if mode == "none":
             segs = [(np.arange(len(p)), np.ones(len(p), dtype=np.int64)) for p in ids_list]
         else:
-            L = max(map(len, ids_list))
-            padded = np.zeros((B, L), dtype=np.int64)
+            padded = np.zeros((len(ids_list), max(map(len, ids_list))), dtype=np.int64)
             for b, p in enumerate(ids_list):
                 padded[b, : len(p)] = p
-            starts, lens = self.rules.matcher.segment_batch(padded, np.array([len(p) for p in ids_list]))
-            segs = list(zip(starts, lens))
+            segs = zip(*self.rules.matcher.segment_batch(padded, np.array([len(p) for p in ids_list])))
         rows = [_Row(p, s, n) for p, (s, n) in zip(ids_list, segs)]
         S = max(len(r.segments) for r in rows)
         if self.context and S + 1 > self.context:
             raise GenerationError(f"prompt needs {S} positions after merging; the model's context is {self.context}")
+        return rows, cfg
 
-        # left-padded prefill of the (merged) prompts
-        dev, dtype = self.lm.device, self.embed.weight.dtype
-        embeds = torch.zeros(B, S, self.embed.embedding_dim, dtype=dtype, device=dev)
-        mask = torch.zeros(B, S, dtype=torch.long, device=dev)
-        for b, r in enumerate(rows):
-            e = self.segment_embeds(r.prompt, r.segments)
-            embeds[b, S - len(e) :] = e
-            mask[b, S - len(e) :] = 1
-            if trace:  # element ids identify what each compressed position holds
-                r.trace = {"logits": [], "position": [], "element": [], "embeds": list(e), "ids": list(range(len(e))),
-                           "next_id": len(e) - 1}
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        cache = DynamicCache(config=self.lm.config)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **cache_kwargs(self.lm, cache),
-                      use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float()
-        next_pos = [len(r.segments) for r in rows]  # compressed position of each row's next step (host)
-        if trace:
-            for b, r in enumerate(rows):
-                self._record(r, logits[b], next_pos[b] - 1)
+    def _steps(self, rows: list[_Row], cache: MergingCache, mode: str, cfg: SamplingConfig,
+               recorder: NoTrace) -> Iterator[list[int]]:
+        """The decode loop of the module docstring, shared by :meth:`generate` and :meth:`stream`.
 
-        done = [cfg.max_new_tokens <= 0] * B
-        prev_ids = torch.tensor([r.prompt[-1:] for r in rows], device=dev)
-        single, since_compact = B == 1, 0
+        Yields each step's sampled tokens [B] (a finished row's entry is a dummy) once the rows have
+        taken them, before they are fed; when it ends every row has its tokens, segments and stop
+        reason, and ``cache`` holds the whole texts."""
+        pick = TokenPicker(cfg)
+        stop = StopCheck(cfg, self.context, self.tokenizer, self.tokenizer.eos_token_id)
+        embeds = [self.segment_embeds(r.prompt, r.segments) for r in rows]
+        logits = cache.prefill(embeds)  # left-padded prefill of the merged prompts
+        recorder.start(embeds)
+        recorder.record(logits, [p - 1 for p in cache.next_pos], [True] * len(rows))
+        done = [False] * len(rows)
+        prev_ids = torch.tensor([r.prompt[-1:] for r in rows], device=self.lm.device)
         while not all(done):
-            scores = procs(prev_ids, logits)
-            y = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if cfg.do_sample else scores.argmax(-1)
-            y_list = y.tolist()
+            y = pick(prev_ids, logits)
+            y_list, live = y.tolist(), [not d for d in done]
             step_embeds = self.embed(y)[:, None, :]  # [B, 1, d]
-            merges, live = [0] * B, [not d for d in done]
+            merged = [0] * len(rows)
             for b, r in enumerate(rows):
                 if done[b]:  # finished rows feed a masked dummy slot until the batch ends
                     continue
-                tok = y_list[b]
-                r.generated.append(tok)
-                done[b] = True
-                if tok in eos_set:
-                    r.stop_reason = "eos"
-                elif cfg.stop_strings and any(x in self.tokenizer.decode(r.generated[-stop_window:])
-                                              for x in cfg.stop_strings):
-                    r.stop_reason = "stop_string"
-                elif len(r.generated) >= cfg.max_new_tokens:
-                    r.stop_reason = "max_new_tokens"
-                elif self.context and next_pos[b] + 2 > self.context:
-                    r.stop_reason = "context"
-                else:
-                    done[b] = False
-                n_merge = self._merge_length(r.tail, tok) if mode == "dynamic" else 0
-                i = len(r.prompt) + len(r.generated) - 1  # original index of tok
-                if n_merge:
-                    gram = tuple(r.tail[len(r.tail) - n_merge + 1 :] + [tok])
+                r.generated.append(y_list[b])
+                r.stop_reason = stop(r.generated, cache.next_pos[b] + 1)
+                done[b] = r.stop_reason is not None
+                n = self._merge_length(r.tail, y_list[b]) if mode == "dynamic" else 0
+                gram = r.push(y_list[b], n)
+                if gram:  # feed the n-gram's surrogate in place of its n-1 cached predecessors
                     step_embeds[b, 0] = self.surrogate(gram)
-                    del r.segments[len(r.segments) - n_merge + 1 :]
-                    r.segments.append((i - n_merge + 1, n_merge))
-                    r.tail, merges[b] = [], n_merge - 1
-                else:
-                    r.segments.append((i, 1))
-                    r.tail = (r.tail + [tok])[-3:]
-                if trace:
-                    t = r.trace
-                    del t["embeds"][len(t["embeds"]) - merges[b] :], t["ids"][len(t["ids"]) - merges[b] :]
-                    t["embeds"].append(step_embeds[b, 0].clone())
-                    t["next_id"] += 1
-                    t["ids"].append(t["next_id"])
-            if any(merges):  # roll back the merged predecessors' cache entries
-                if single:
-                    kv_cache.drop_last(cache, merges[0])
-                    mask = mask[:, : mask.shape[1] - merges[0]]
-                else:
-                    T = mask.shape[1]
-                    for b, k in enumerate(merges):
-                        if k:
-                            mask[b, T - k :] = 0
-                next_pos = [p - k for p, k in zip(next_pos, merges)]
-            mask = torch.cat([mask, torch.tensor(live, device=dev, dtype=mask.dtype)[:, None]], dim=1)
-            out = self.lm(inputs_embeds=step_embeds, attention_mask=mask,
-                          position_ids=torch.tensor(next_pos, device=dev)[:, None], **cache_kwargs(self.lm, cache),
-                          use_cache=True)
-            logits = out.logits[:, -1, :].float()
-            if trace:
-                for b, r in enumerate(rows):
-                    if live[b]:
-                        self._record(r, logits[b], next_pos[b])
-            next_pos = [p + int(v) for p, v in zip(next_pos, live)]
+                    merged[b] = n - 1
+            yield y_list  # a stream shows the tokens before their forward
+            recorder.step(step_embeds, merged, live)
+            cache.rollback(merged)
+            at = list(cache.next_pos)
+            logits = cache.step(step_embeds, live)
+            recorder.record(logits, at, live)
+            cache.maybe_compact(last=all(done))
             prev_ids = y[:, None]
-            since_compact += 1
-            if not single and (all(done) or since_compact >= compact_every) and bool((mask == 0).any()):
-                mask = kv_cache.compact(cache, mask)
-                since_compact = 0
 
-        results = []
-        for b, r in enumerate(rows):
-            text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
-            if r.stop_reason == "stop_string":
-                cut = min(text.find(x) for x in cfg.stop_strings if x in text)
-                text = text[:cut]
-            tr = None
-            if trace:
-                t = r.trace
-                final = t["ids"]
-                tr = {"logits": torch.stack(t["logits"]), "position": torch.tensor(t["position"]),
-                      "survives": torch.tensor([p < len(final) and final[p] == e for p, e in zip(t["position"], t["element"])]),
-                      "embeds": torch.stack(t["embeds"])}
-            results.append(GenerationResult(
-                text=text, generated_ids=list(r.generated), prompt_ids=list(r.prompt), segments=list(r.segments),
-                prompt_len=len(r.prompt), prompt_len_merged=sum(1 for s, _ in r.segments if s < len(r.prompt)),
-                kv_len_final=int(mask[b].sum()), kv_len_unmerged=len(r.prompt) + len(r.generated),
-                stop_reason=r.stop_reason, trace=tr,
-            ))
-        self.last_cache = cache
-        return results
+    def _result(self, r: _Row, kv_len: int, cfg: SamplingConfig, trace: dict | None) -> GenerationResult:
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
+        return GenerationResult(
+            text=cut_at_stop(text, cfg.stop_strings) if r.stop_reason == "stop_string" else text,
+            generated_ids=list(r.generated), prompt_ids=list(r.prompt), segments=list(r.segments),
+            prompt_len=len(r.prompt), prompt_len_merged=sum(1 for s, _ in r.segments if s < len(r.prompt)),
+            kv_len_final=kv_len, kv_len_unmerged=len(r.prompt) + len(r.generated), stop_reason=r.stop_reason,
+            trace=trace)
+
+    @torch.no_grad()
+    def generate(self, prompts, mode: str = "dynamic", sampling: SamplingConfig | None = None,
+                 compact_every: int = 16, trace: bool = False, **settings) -> list[GenerationResult]:
+        """Generate for one prompt or a batch.
+
+        Parameters
+        ----------
+        prompts : a string, a list of token ids, or a list of those (B rows).
+        mode : ``"none"``, ``"prompt"`` or ``"dynamic"`` (see the module docstring).
+        sampling : decoding settings; or give them as keywords instead (``max_new_tokens=8,
+            do_sample=True``, any :class:`SamplingConfig` field).
+        compact_every : with several rows, compact the cache after this many steps.
+        trace : record each row's :attr:`GenerationResult.trace`.
+
+        Returns
+        -------
+        B :class:`GenerationResult`, in prompt order. ``self.last_cache`` is the final KV cache.
+        """
+        rows, cfg = self._start(prompts, mode, sampling, settings)
+        cache, recorder = MergingCache(self.lm, compact_every), TraceRecorder() if trace else NoTrace()
+        for _ in self._steps(rows, cache, mode, cfg, recorder):
+            pass
+        self.last_cache = cache.cache
+        return [self._result(r, n, cfg, recorder.result(b)) for b, (r, n) in enumerate(zip(rows, cache.lengths()))]
+
+    def stream(self, prompt, mode: str = "dynamic", sampling: SamplingConfig | None = None,
+               **settings) -> Iterator[StreamToken]:
+        """Generate for ONE prompt, yielding each token as soon as it is sampled: the tokens of
+        :meth:`generate` with the same arguments. Bad arguments raise here, before any decoding.
+
+        The pieces join to the decoded text of all generated tokens, a stop string included (the
+        text of :meth:`generate` cuts it); the last token carries the stop reason.
+        """
+        rows, cfg = self._start(prompt, mode, sampling, settings)
+        if len(rows) != 1:
+            raise GenerationError(f"stream takes one prompt, got {len(rows)}: use generate for a batch")
+        return self._stream(rows[0], mode, cfg)
+
+    @torch.no_grad()
+    def _stream(self, row: _Row, mode: str, cfg: SamplingConfig) -> Iterator[StreamToken]:
+        cache, pieces = MergingCache(self.lm), TextPieces(self.tokenizer)
+        for y in self._steps([row], cache, mode, cfg, NoTrace()):
+            text = pieces.push(y[0]) + (pieces.flush() if row.stop_reason else "")
+            yield StreamToken(y[0], text, row.stop_reason)
+        self.last_cache = cache.cache

@@ -83,5 +83,6 @@ def load_adapter(lm, path: str | Path) -> None:
     result = set_peft_model_state_dict(lm, load_file(str(path / "adapter_model.safetensors")))
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
-        raise UserError(f"adapter in {path} does not match the LM: {len(missing)} adapter weights missing, e.g. {missing[0]}")
+        raise UserError(f"adapter in {path} does not match the LM: {len(missing)} adapter weights missing, "
+                        f"e.g. {missing[0]}")
     lm.requires_grad_(False)

@@ -167,14 +167,16 @@ def mine_model_prob_rules(
     if not 2 <= min_n <= max_n:
         raise MiningError(f"need 2 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
     if min_count < 1 or batch_size < 1 or block_size < 2:
-        raise MiningError(f"need min_count >= 1, batch_size >= 1, block_size >= 2; got {min_count}, {batch_size}, {block_size}")
+        raise MiningError("need min_count >= 1, batch_size >= 1, block_size >= 2; "
+                          f"got {min_count}, {batch_size}, {block_size}")
     if head not in HEADS:
         raise MiningError(f"unknown head rule {head!r}; choose from {HEADS}")
     if long_runs not in LONG_RUNS:
         raise MiningError(f"unknown long-run rule {long_runs!r}; choose from {LONG_RUNS}")
     filters = list(filters)
     if set(filters) - set(FILTER_STAGES):
-        raise MiningError(f"unknown filter stage(s) {sorted(set(filters) - set(FILTER_STAGES))}; choose from {FILTER_STAGES}")
+        raise MiningError(f"unknown filter stage(s) {sorted(set(filters) - set(FILTER_STAGES))}; "
+                          f"choose from {FILTER_STAGES}")
     ids = np.asarray(ids, dtype=np.int64)
     off = np.asarray(offsets, dtype=np.int64)
     if ids.ndim != 1 or ids.size == 0:

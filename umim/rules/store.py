@@ -202,7 +202,8 @@ class MergeRules:
                 filters=meta["filters"],
                 corpus=meta["corpus"],
                 tokens_scanned=meta["tokens_scanned"],
-                removed_by_filter={s: {int(n): k for n, k in d.items()} for s, d in meta.get("removed_by_filter", {}).items()},
+                removed_by_filter={s: {int(n): k for n, k in d.items()}
+                                   for s, d in meta.get("removed_by_filter", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise RulesFileError(f"{meta_file} lacks or mangles a required field: {e!r}") from e

@@ -218,7 +218,8 @@ class SpanDataModule(L.LightningDataModule):
         tok = self.get_tokenizer()
         self.rules = self.load_rules() if self.uses_rules else None
         rng = np.random.default_rng(self.seed)
-        for split, cap in (("train", self.max_train_blocks), ("validation", self.max_eval_blocks), ("test", self.max_eval_blocks)):
+        for split, cap in (("train", self.max_train_blocks), ("validation", self.max_eval_blocks),
+                           ("test", self.max_eval_blocks)):
             blocks = pack_blocks(*self._tokens(split), self.block_size, tok.eos_token_id)
             if len(blocks) == 0:
                 raise UserError(f"{self.corpus} {split}: fewer tokens than one block of {self.block_size}")

@@ -216,7 +216,8 @@ class UMIMLM(HFLM):
         bs = override_bs or self._bs()
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
         res: list = [None] * len(requests)
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests (umim)")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                    desc="Running loglikelihood requests (umim)")
         for c0 in range(0, len(order), bs):
             idx = order[c0 : c0 + bs]
             ctxs, conts = [], []
@@ -365,7 +366,8 @@ class UMIMLM(HFLM):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         res: list = [None] * len(requests)
         bs = self._bs()
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running generate_until requests (umim)")
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                    desc="Running generate_until requests (umim)")
         for idxs in groups.values():
             cfg, until = self._sampling(requests[idxs[0]].args[1])
             left = max(self.max_length - cfg.max_new_tokens, 1)

@@ -26,9 +26,11 @@ def match_tr(make: Callable[[float], object], target_tr: float, measure: Callabl
     method moves in steps, so the target may not be hit within ``tol``: check the returned TR).
     """
     tr_lo, tr_hi = measure(m_lo := make(lo)), measure(m_hi := make(hi))
-    best = min([(abs(tr_lo - target_tr), lo, m_lo, tr_lo), (abs(tr_hi - target_tr), hi, m_hi, tr_hi)], key=lambda r: r[0])
+    best = min([(abs(tr_lo - target_tr), lo, m_lo, tr_lo), (abs(tr_hi - target_tr), hi, m_hi, tr_hi)],
+               key=lambda r: r[0])
     if not min(tr_lo, tr_hi) - tol <= target_tr <= max(tr_lo, tr_hi) + tol:
-        raise UserError(f"target TR {target_tr} is outside [{tr_lo:.4f}, {tr_hi:.4f}] reached on the knob bracket [{lo}, {hi}]")
+        raise UserError(f"target TR {target_tr} is outside [{tr_lo:.4f}, {tr_hi:.4f}] "
+                        f"reached on the knob bracket [{lo}, {hi}]")
     increasing = tr_hi >= tr_lo
     for _ in range(max_iter):
         if best[0] <= tol:

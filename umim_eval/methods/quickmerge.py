@@ -189,7 +189,8 @@ class QuickMerge(PromptMerger):
         selected[torch.topk(sal, K).indices] = True
         mass = torch.where(selected, sal.clamp_min(self.epsilon), torch.full_like(sal, self.epsilon))  # [N]
         group = contiguous_groups(x, K, keep_first=K >= 2)  # [N]
-        num = torch.zeros(K, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, group, mass[:, None] * x.float())
+        num = torch.zeros(K, x.shape[1], dtype=torch.float32, device=x.device).index_add_(
+            0, group, mass[:, None] * x.float())
         den = torch.zeros(K, dtype=torch.float32, device=x.device).index_add_(0, group, mass)
         sizes = torch.bincount(group, minlength=K)
         starts = torch.cumsum(sizes, 0) - sizes

@@ -111,8 +111,8 @@ class UMIMBudget(PromptMerger):
     _align: dict = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_run(cls, run: MergedLM, ratio: float = 0.0, score: str = "count", alignment: dict | str | Path | None = None,
-                 split_matches: bool = True) -> UMIMBudget:
+    def from_run(cls, run: MergedLM, ratio: float = 0.0, score: str = "count",
+                 alignment: dict | str | Path | None = None, split_matches: bool = True) -> UMIMBudget:
         """The run's merger and rules at target TR ``ratio``."""
         if run is None:
             raise merging_missing("method 'umim_budget'")

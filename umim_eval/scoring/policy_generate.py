@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from umim.inference.decoding import StopCheck, TokenPicker
 from umim.inference.generation import SamplingConfig
 from umim.lm import cache_kwargs
 from umim_eval.methods.base import KVPolicy
@@ -98,11 +99,7 @@ def policy_generate(lm, prompt_ids: list[int], policy: KVPolicy, sampling: Sampl
     if context and L > context:
         raise ValueError(f"prompt has {L} tokens; the model's context is {context}")
     n_total = L if schedule == "prompt" else L + cfg.max_new_tokens  # what KVPolicy.budget reads
-    eos = cfg.eos_token_id
-    eos_set = set([eos] if isinstance(eos, int) else (eos or []))
-    procs = cfg.processors()
-    if cfg.do_sample and cfg.seed is not None:
-        torch.manual_seed(cfg.seed)  # HF generate samples from the global generator too
+    pick, stop = TokenPicker(cfg), StopCheck(cfg, context)
 
     cache = DynamicCache(config=lm.config)
     pos: dict[int, torch.Tensor] = {}  # layer -> [1, H_kv, T] original position of each slot
@@ -128,24 +125,18 @@ def policy_generate(lm, prompt_ids: list[int], policy: KVPolicy, sampling: Sampl
 
     generated: list[int] = []
     prev = ids[-1:].to(dev)
-    stop = "max_new_tokens"
-    while len(generated) < cfg.max_new_tokens:
-        scores = procs(prev[None], logits[None])
-        y = int(torch.multinomial(scores.softmax(-1), 1)) if cfg.do_sample else int(scores.argmax(-1))
-        t = L + len(generated)
-        if context and t >= context:  # no position left to feed y at
-            stop = "context"
-            break
+    reason = stop(generated, L)  # "context" when the prompt fills it
+    while reason is None:
+        y = int(pick(prev[None], logits[None])[0])
         generated.append(y)
+        t = L + len(generated) - 1  # y's position
         logits = feed(torch.tensor([y]), t)  # the last token is fed too: the cache covers the text
         prev = torch.tensor([y], device=dev)
-        if y in eos_set:
-            stop = "eos"
-            break
+        reason = stop(generated, t + 1)
     n_seen = L + len(generated)
-    kept = generated[:-1] if stop == "eos" else generated
+    kept = generated[:-1] if reason == "eos" else generated
     return PolicyGeneration(generated_ids=kept, n_prompt=L, n_seen=n_seen, cache_len=cache.get_seq_length(),
-                            stop_reason=stop)
+                            stop_reason=reason)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 score a continuation, or generate from it.
 
 A prompt method (:class:`~umim_eval.methods.base.PromptMethod`: drops tokens or merges groups into
-single embeddings) turns a prompt into :class:`PromptInputs` with its ``inputs``. Either way the prompt becomes ``[S, d]`` input embeddings at contiguous positions
+single embeddings) turns a prompt into :class:`PromptInputs` with its ``inputs``. Either way the prompt
+becomes ``[S, d]`` input embeddings at contiguous positions
 ``0 .. S-1`` plus its achieved TR, so scoring and generation are the same code for all of them.
 KV-cache policies do not change the prompt; they act during decoding
 (:mod:`umim_eval.scoring.policy_nll`, :mod:`umim_eval.scoring.policy_generate`).
@@ -55,7 +56,8 @@ def continuation_logits(lm, prompt: PromptInputs, target_ids: list[int]) -> torc
         raise UserError("empty target")
     tgt = torch.tensor(list(target_ids), device=lm.device)
     x = torch.cat([prompt.embeds, lm.get_input_embeddings()(tgt[:-1])])[None]
-    return lm(inputs_embeds=x, position_ids=torch.arange(x.shape[1], device=lm.device)[None]).logits[0, prompt.n_fed - 1 :]
+    return lm(inputs_embeds=x,
+              position_ids=torch.arange(x.shape[1], device=lm.device)[None]).logits[0, prompt.n_fed - 1 :]
 
 
 @torch.no_grad()
@@ -67,7 +69,8 @@ def continuation_nll_from(lm, prompt: PromptInputs, target_ids: list[int]) -> to
 
 @torch.no_grad()
 def generate_from(lm, prompts: list[PromptInputs], max_new_tokens: int, do_sample: bool = False,
-                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None) -> list[list[int]]:
+                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
+                  pad_token_id=None) -> list[list[int]]:
     """Decode from fed prompts with Hugging Face ``generate`` (left-padded ``inputs_embeds``).
 
     Returns the new token ids of each prompt (EOS and what follows it dropped).

@@ -1,7 +1,8 @@
 """Every method at a matched token reduction, scored by the perplexity of a continuation.
 
 Protocol. The test split's token stream (documents joined with EOS) is cut into windows; each gives
-``context_tokens`` of context and the next ``target_tokens`` as the target. A method reduces the CONTEXT (UMIM merges it, prompt compressors drop tokens, prompt
+``context_tokens`` of context and the next ``target_tokens`` as the target. A method reduces the CONTEXT
+(UMIM merges it, prompt compressors drop tokens, prompt
 mergers merge groups); the target is always fed and scored unmerged, one position per token, as
 in the QA protocol of the paper (App. F.2). Score: perplexity of the target tokens (all methods
 score the same tokens). TR = removed context positions / context tokens.
@@ -58,7 +59,8 @@ class CompareConfig(TaskConfig):
     """TR levels: ``"umim"`` (per-example match to UMIM's TR) and/or numbers in [0, 1)."""
 
 
-def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int, target_tokens: int) -> list[tuple[list[int], list[int]]]:
+def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int,
+                  target_tokens: int) -> list[tuple[list[int], list[int]]]:
     """``(context ids [P], target ids [C])``: the first ``n`` windows of ``P + C`` tokens of the split's
     token stream (documents joined with EOS, as for perplexity), so short documents still count.
 

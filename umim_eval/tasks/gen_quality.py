@@ -135,7 +135,8 @@ class _Scorer:
 
     @staticmethod
     def rep_dist(token_lists) -> dict[str, float]:
-        return {f"{k}-{n}": (gm.rep_n if k == "rep" else gm.dist_n)(token_lists, n) for n in NS for k in ("rep", "dist")}
+        return {f"{k}-{n}": (gm.rep_n if k == "rep" else gm.dist_n)(token_lists, n)
+                for n in NS for k in ("rep", "dist")}
 
     def __call__(self, gen_ids: list[list[int]], texts: list[str]) -> dict[str, float]:
         m = self.rep_dist(gen_ids)
@@ -232,4 +233,5 @@ def gen_quality_tables(result: dict) -> str:
 
 NAME = "gen_quality"
 """Result file stem: the command writes ``out_dir/gen_quality.json`` and ``out_dir/gen_quality.md``."""
-Config, run, table = GenQualityConfig, run_gen_quality, gen_quality_tables  # the names every runner exposes (umim_eval.cli)
+# the names every runner exposes (umim_eval.cli)
+Config, run, table = GenQualityConfig, run_gen_quality, gen_quality_tables

@@ -157,7 +157,8 @@ def run_summarize(cfg: SummarizeConfig, progress: bool = True, merged_lm: Merged
     refs = [r[cfg.reference_field].strip() for r in records]
     targets = match_targets(cfg.match, cfg.ratio, m, prompts)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, temperature=cfg.temperature,
-                              top_p=cfg.top_p, seed=cfg.seed, eos_token_id=tok.eos_token_id if cfg.stop_at_eos else None)
+                              top_p=cfg.top_p, seed=cfg.seed,
+                              eos_token_id=tok.eos_token_id if cfg.stop_at_eos else None)
 
     preds: dict[str, list[str]] = {}
     trs: dict[str, list[float]] = {}
@@ -198,7 +199,8 @@ def summarize_table(result: dict) -> str:
     for name, r in result["methods"].items():
         rows.append([label(name), pct(r["tr"], 1), fmt(r["rouge1"]), fmt(r["rouge2"]), fmt(r["rougeL"]),
                      fmt(r["rougeLsum"]), fmt(r["avg"]), fmt(r["bertscore"])])
-    return markdown_table(["Methods", "TR (%)", "Rouge-1", "Rouge-2", "Rouge-L", "Rouge-Lsum", "Avg", "BERTScore"], rows)
+    return markdown_table(["Methods", "TR (%)", "Rouge-1", "Rouge-2", "Rouge-L", "Rouge-Lsum", "Avg", "BERTScore"],
+                          rows)
 
 
 NAME = "summarization"
