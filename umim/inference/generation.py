@@ -7,7 +7,7 @@ Modes (paper Sec. 3.4, App. D):
   embeddings (Pseudocode 3, with the library's longest-match segmentation); decoding is normal.
 * ``dynamic`` — prompt merging plus online merging (Pseudocode 4). When the token ``y`` just
   sampled completes a rule n-gram together with the previous n-1 *single-token* steps of the merged
-  sequence (prompt or generated; surrogates never take part; n = 4, 3, 2 checked in that order),
+  sequence (prompt or generated; surrogates never take part; the rules' n checked longest first),
   ``y`` is not fed: the n-1 cache entries of its predecessors are removed and ONE step is fed with
   the surrogate embedding of the n-gram, whose logits give the next token. Every generated token
   still costs exactly one forward step, and the cache shrinks by n-1. Positions stay contiguous in
@@ -175,12 +175,13 @@ class StreamToken(NamedTuple):
 class _Row:
     """Per-row bookkeeping of the merged sequence (O(1) Python work per step)."""
 
-    def __init__(self, prompt: list[int], starts: np.ndarray, lens: np.ndarray):
+    def __init__(self, prompt: list[int], starts: np.ndarray, lens: np.ndarray, keep: int):
         self.prompt = prompt
         self.generated: list[int] = []
         self.segments = [(int(s), int(n)) for s, n in zip(starts, lens) if n > 0]
-        tail: list[int] = []  # trailing single-token steps of the merged sequence (at most 3)
-        for s, n in reversed(self.segments[-3:]):
+        self.keep = keep  # the longest rule n - 1: the most predecessors a merge takes
+        tail: list[int] = []  # trailing single-token steps of the merged sequence (at most keep)
+        for s, n in reversed(self.segments[len(self.segments) - keep :] if keep else []):
             if n != 1:
                 break
             tail.insert(0, prompt[s])
@@ -193,7 +194,7 @@ class _Row:
         i = len(self.prompt) + len(self.generated) - 1  # original index of tok
         if not n:
             self.segments.append((i, 1))
-            self.tail = (self.tail + [tok])[-3:]
+            self.tail = (self.tail + [tok])[-self.keep :] if self.keep else []
             return None
         gram = tuple(self.tail[len(self.tail) - n + 1 :] + [tok])
         del self.segments[len(self.segments) - n + 1 :]
@@ -335,7 +336,8 @@ class MergedLM:
             for b, p in enumerate(ids_list):
                 padded[b, : len(p)] = p
             segs = zip(*self.rules.matcher.segment_batch(padded, np.array([len(p) for p in ids_list])))
-        rows = [_Row(p, s, n) for p, (s, n) in zip(ids_list, segs)]
+        keep = max(self._rule_ns, default=1) - 1 if mode == "dynamic" else 0
+        rows = [_Row(p, s, n, keep) for p, (s, n) in zip(ids_list, segs)]
         S = max(len(r.segments) for r in rows)
         if self.context and S + 1 > self.context:
             raise GenerationError(f"prompt needs {S} positions after merging; the model's context is {self.context}")

@@ -156,9 +156,11 @@ class Method(ABC):
             self.ratio = float(ratio)
 
     def tr_shortfall(self, n: int, ratio: float) -> float:
-        """How far the achieved TR may miss ``ratio`` on an ``n``-token prompt beyond rounding (0: the
-        method hits its target; a method that cannot says how far and why)."""
-        return 0.0
+        """How far the achieved TR may miss ``ratio`` on an ``n``-token prompt beyond 2 points (0: the
+        method hits its target). A method that searches its native knob for the TR (LLMLingua keeps
+        or drops whole words, so the TR moves in steps of a word's tokens) states its accepted miss
+        as a ``tr_tolerance`` option."""
+        return max(getattr(self, "tr_tolerance", 0.02) - 0.02, 0.0)
 
     @abstractmethod
     def score_continuation(self, run, context: list[int], target: list[int]) -> ContinuationScore:

@@ -231,10 +231,6 @@ class LLMLingua1(PromptCompressor):
         tau = min(1.0, target / len(sub))  # the token-level step spends what the coarse step left
         return [sub[j] for j in iterative_compress(lm, [ids[i] for i in sub], tau, self.iterative_size)]
 
-    def tr_shortfall(self, n: int, ratio: float) -> float:
-        # whole words are kept or dropped: the TR moves in steps of a word's tokens, up to tr_tolerance
-        return max(self.tr_tolerance - 0.02, 0.0)
-
     def compress(self, lm, tokenizer, prompt_ids: list[int]) -> CompressedPrompt:
         ids = list(prompt_ids)
         n = len(ids)

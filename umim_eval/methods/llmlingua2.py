@@ -189,10 +189,6 @@ class LLMLingua2(PromptCompressor):
         self.ratio = check_ratio(self.ratio)
         self.force_tokens = tuple(self.force_tokens)
 
-    def tr_shortfall(self, n: int, ratio: float) -> float:
-        # whole words are kept or dropped: the TR moves in steps of a word's tokens, up to tr_tolerance
-        return max(self.tr_tolerance - 0.02, 0.0)
-
     def compress(self, lm, tokenizer, prompt_ids: list[int]) -> CompressedPrompt:
         ids = list(prompt_ids)
         n = len(ids)
