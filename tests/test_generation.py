@@ -392,3 +392,31 @@ def test_batch_with_a_row_stopped_at_the_context(setup):
     for p, rb in zip([long, PROMPTS[2]], batch):
         r1 = m.generate(p, "dynamic", max_new_tokens=60)[0]
         assert rb.generated_ids == r1.generated_ids and rb.segments == r1.segments
+
+
+def test_generate_cli_with_merger_and_rules_needs_no_default_run(setup, tmp_path, capsys, monkeypatch):
+    """``--merger`` and ``--rules`` given: the default ``runs/default`` is neither read nor looked up on
+    the hub (from a folder without ``runs/``, offline)."""
+    from umim.cli import main
+
+    lm, tok, merger, rules = setup
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    merger.save_pretrained(tmp_path / "m")
+    rules.save(tmp_path / "r")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "--model", str(tmp_path / "lm"), "--merger", "m", "--rules", "r", "--prompt", PROMPTS[0],
+                 "--max_new_tokens", "4", "--json", "true"]) == 0
+    assert '"token_reduction"' in capsys.readouterr().out
+
+
+def test_dynamic_merge_of_a_two_token_prompt_with_the_first_new_token(tok):
+    """A 3-gram made of a 2-token prompt and the first generated token merges (the row keeps the
+    rules' n_max - 1 predecessors even when the prompt is shorter than that)."""
+    from umim.inference.generation import _Row
+
+    row = _Row([5, 6], np.array([0, 1]), np.array([1, 1]), keep=3)
+    assert row.tail == [5, 6]
+    row.generated.append(7)
+    assert row.push(7, 3) == (5, 6, 7) and row.segments == [(0, 3)]

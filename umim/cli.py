@@ -161,7 +161,7 @@ def _mine(argv: list[str]) -> int:
     from .rules.store import is_rules_dir
     from .safe_io import check_replaceable
 
-    a = parse_settings(MineConfig, argv, "umim mine")
+    a = parse_settings(MineConfig, argv, "umim mine", legacy=True)
     check_replaceable(a.out, is_rules_dir, "rules")  # before any work
     if a.model_prob is not None:
         return _mine_model_prob(a)
@@ -228,13 +228,14 @@ def generate_main(argv: list[str]) -> int:
 def _generate(argv: list[str]) -> int:
     import json
 
+    from .hub import is_local
     from .inference.generation import SamplingConfig
 
-    a = parse_settings(GenerateConfig, argv, "umim generate", aliases={"model": "lm"})
-    if a.merge != "none":
+    a = parse_settings(GenerateConfig, argv, "umim generate", aliases={"model": "lm"}, legacy=True)
+    if a.merge != "none":  # a missing local run is named before the LM loads (hub ids are fetched by the loader)
+        hint = " Run `umim fit --config conf/default.yaml` first." if a.run_dir == "runs/default" else ""
         for what, path in zip(("merger", "rules"), a.merging_paths()):
-            if path is None or not Path(path).exists():
-                hint = " Run `umim fit --config conf/default.yaml` first." if a.run_dir == "runs/default" else ""
+            if path is None or (is_local(path) and not Path(path).exists()):
                 raise UserError(f"no {what} at {path}.{hint} (or pass --{what}, or --merge none)")
     model = a.load(merging=a.merge != "none")
     cfg = SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature,

@@ -45,6 +45,13 @@ def is_repo_id(name: object) -> bool:
     return True
 
 
+def is_local(name: object) -> bool:
+    """Whether ``name`` names a local folder: it exists, cannot be a repo id, or its first path
+    component is a local folder (``runs/default`` before the first fit is a missing local run, not a
+    hub repo)."""
+    return not is_repo_id(name) or Path(name).exists() or Path(str(name).split("/")[0]).is_dir()
+
+
 def _network_errors() -> tuple[type[BaseException], ...]:
     # huggingface_hub lets its HTTP client's transport errors through as they are (httpx, httpx2 in newer releases)
     errors: list[type[BaseException]] = [OSError]
@@ -74,7 +81,7 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, sub
     files : files or folders (relative to ``subfolder``) to fetch; a repo without one of them is refused.
     hint : what to do when the name is neither a local folder nor a hub repo (appended to the error).
     """
-    if not is_repo_id(name_or_path) or Path(name_or_path).exists():
+    if is_local(name_or_path):
         if revision is not None:
             raise HubError(f"{what} {name_or_path}: revision {revision!r} is for hub repos and this is a local "
                            "folder: drop revision, or give a hub repo id")

@@ -37,35 +37,31 @@ from dataclasses import dataclass
 
 PTH_NAME = "umim-lm-eval.pth"
 
-RUNNERS: dict[str, str] = {
-    # subcommand: task module (exposing Config, run, table, NAME)
-    "ppl": "umim_eval.tasks.ppl",
-    "gen-quality": "umim_eval.tasks.gen_quality",
-    "summarize": "umim_eval.tasks.summarize",
-    "math": "umim_eval.tasks.math_reasoning",
-    "compare": "umim_eval.tasks.compare",
-    "qa": "umim_eval.tasks.qa",
+RUNNERS: dict[str, tuple[str, str]] = {
+    # subcommand: (task module exposing Config, run, table and NAME; one line of help)
+    "ppl": ("umim_eval.tasks.ppl", "perplexity + TR of base and merged LM per dataset (Table 2)"),
+    "gen-quality": ("umim_eval.tasks.gen_quality",
+                    "continuation quality: Rep/Dist, ROUGE, BERTScore, chrF, MAUVE (Tables 10, 11)"),
+    "summarize": ("umim_eval.tasks.summarize", "CNN/DailyMail summarization at matched TR (Table 5)"),
+    "math": ("umim_eval.tasks.math_reasoning", "AIME/AMC pass@k with prompt merging (Table 6)"),
+    "compare": ("umim_eval.tasks.compare",
+                "all methods at matched TR: continuation perplexity (UMIM vs baselines vs compressors)"),
+    "qa": ("umim_eval.tasks.qa", "zero-shot multiple-choice QA through lm-eval at matched TR (Table 4)"),
 }
 """Lazy table of the runners: importing the CLI imports none of them."""
 
 
-def runner_parser(command: str):
-    """The parser of one runner subcommand: ``--config`` plus one option per field (:mod:`umim.settings`)."""
+def _task(command: str):
     import importlib
 
-    from umim.settings import settings_parser
-
-    cfg_cls = importlib.import_module(RUNNERS[command]).Config
-    return settings_parser(cfg_cls, f"umim-eval {command}"), cfg_cls
+    return importlib.import_module(RUNNERS[command][0])
 
 
 def parse_runner_config(command: str, argv: list[str]):
     """Settings dataclass of ``command`` from ``argv`` (``--config FILE`` and overrides)."""
-    import importlib
-
     from umim.settings import parse_settings
 
-    return parse_settings(importlib.import_module(RUNNERS[command]).Config, argv, f"umim-eval {command}")
+    return parse_settings(_task(command).Config, argv, f"umim-eval {command}")
 
 
 def _inputs_stamp(cfg) -> str:
@@ -85,17 +81,14 @@ def _inputs_stamp(cfg) -> str:
 def save_results(command: str, result: dict, out_dir: str) -> dict:
     """Write ``out_dir/NAME.json`` (everything) and ``out_dir/NAME.md`` (the table) of a runner's
     result; the one place results are written. Returns the paths."""
-    import importlib
-
     from .results import write_results
 
-    mod = importlib.import_module(RUNNERS[command])
+    mod = _task(command)
     return write_results(result, out_dir, mod.NAME, mod.table(result))
 
 
 def run_command(command: str, argv: list[str]) -> int:
     """Parse, run, write JSON + markdown, print the table."""
-    import importlib
     from dataclasses import asdict
 
     from umim.safe_io import check_writable_dir
@@ -103,7 +96,7 @@ def run_command(command: str, argv: list[str]) -> int:
     from .results import Journal
 
     cfg = parse_runner_config(command, argv)
-    mod = importlib.import_module(RUNNERS[command])
+    mod = _task(command)
     cfg.out_dir = cfg.out_dir or f"results/{mod.NAME}"
     check_writable_dir(cfg.out_dir)  # before any work, not after it
     settings = {**asdict(cfg), "inputs": _inputs_stamp(cfg)}  # retrained merger or re-mined rules: afresh
@@ -171,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {
-    "ppl": "perplexity + TR of base and merged LM per dataset (Table 2)",
-    "gen-quality": "continuation quality: Rep/Dist, ROUGE, BERTScore, chrF, MAUVE (Tables 10, 11)",
-    "summarize": "CNN/DailyMail summarization at matched TR (Table 5)",
-    "math": "AIME/AMC pass@k with prompt merging (Table 6)",
-    "compare": "all methods at matched TR: continuation perplexity (UMIM vs baselines vs compressors)",
-    "qa": "zero-shot multiple-choice QA through lm-eval at matched TR (Table 4)",
+    **{name: help_ for name, (_, help_) in RUNNERS.items()},
     "lm-eval": "lm-evaluation-harness with the `umim` model registered (all further arguments go to lm-eval)",
     "install-lm-eval-hook": "install the start-up hook so that plain `lm_eval --model umim` works",
 }
@@ -206,7 +194,7 @@ def _dispatch(argv: list[str]) -> int:
 
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else 2
+        return 0
     if argv[0] in ("lm-eval", "lm_eval"):
         return lm_eval_main(argv[1:])  # pass-through: no parsing of lm-eval's own options here
     if argv[0] in RUNNERS:

@@ -181,7 +181,7 @@ class _Row:
         self.segments = [(int(s), int(n)) for s, n in zip(starts, lens) if n > 0]
         self.keep = keep  # the longest rule n - 1: the most predecessors a merge takes
         tail: list[int] = []  # trailing single-token steps of the merged sequence (at most keep)
-        for s, n in reversed(self.segments[len(self.segments) - keep :] if keep else []):
+        for s, n in reversed(self.segments[-keep:] if keep else []):
             if n != 1:
                 break
             tail.insert(0, prompt[s])
@@ -235,8 +235,8 @@ class MergedLM:
         from umim.inference.loading import ModelArgs
 
         spec = lm if isinstance(lm, LMSpec) else LMSpec(str(lm))
-        return ModelArgs(spec.name_or_path, spec.gguf_file, spec.dtype, device, run_dir and str(run_dir),
-                         merger and str(merger), rules and str(rules)).load()
+        # paths stay as given: a Path is always a local folder, a string may be a hub repo id
+        return ModelArgs(spec.name_or_path, spec.gguf_file, spec.dtype, device, run_dir, merger, rules).load()
 
     def require_merging(self, what: str = "UMIM merging") -> None:
         """Raise a user error naming ``what`` when this LM has no merger or no rules."""
@@ -246,8 +246,12 @@ class MergedLM:
             raise merging_missing(what)
 
     def token_reduction(self, ids: list[int]) -> float:
-        """UMIM's TR on one sequence: ``1 - segments / tokens`` of its longest-match segmentation."""
-        self.require_merging("UMIM's token reduction")
+        """UMIM's TR on one sequence: ``1 - segments / tokens`` of its longest-match segmentation
+        (the rules alone decide it)."""
+        if self.rules is None:
+            from umim.inference.loading import merging_missing
+
+            raise merging_missing("UMIM's token reduction")
         return 1.0 - len(self.rules.segment(list(ids))) / len(ids) if len(ids) else 0.0
 
     # -- rules and surrogates ----------------------------------------------------------------------

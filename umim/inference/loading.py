@@ -42,11 +42,10 @@ class ModelArgs:
         """(merger, rules) as given, or ``run_dir/merger`` and ``run_dir/rules`` (``run_dir`` may be a
         hub repo id, fetched into the hub cache)."""
         run = None
-        if self.run_dir:  # a local folder, or a hub repo holding merger/ and rules/ (umim.hub)
-            from umim.hub import is_repo_id, resolve_run
+        if self.run_dir and not (self.merger and self.rules):  # a local folder, or a hub repo (umim.hub)
+            from umim.hub import is_local, resolve_run
 
-            local = Path(self.run_dir).exists() or not is_repo_id(self.run_dir)
-            run = Path(self.run_dir) if local else resolve_run(self.run_dir)
+            run = Path(self.run_dir) if is_local(self.run_dir) else resolve_run(self.run_dir)
         return (self.merger or (str(run / "merger") if run else None),
                 self.rules or (str(run / "rules") if run else None))
 
@@ -67,10 +66,10 @@ class ModelArgs:
         from umim.inference.generation import MergedLM
         from umim.lm import load_lm, load_tokenizer
 
+        merger, rules = self.merging_paths() if merging else (None, None)  # a hub run is fetched first
         spec, device = self.spec(), self.torch_device()
         model, tok = load_lm(spec), load_tokenizer(spec)
         model.to(device)
-        merger, rules = self.merging_paths() if merging else (None, None)
         return MergedLM(model, tok, *load_merging(model, tok, merger, rules))
 
 

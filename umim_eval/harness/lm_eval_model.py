@@ -287,7 +287,7 @@ class UMIMLM(HFLM):
             s = self._method.score_continuation(self.umim, ctx, cont)  # the options of a question share ctx
             answer = (-float(s.nll.sum()), s.greedy)
             res.append(answer)
-            self._count(self._kind, len(ctx) + len(cont) - 1, len(ctx) - round(s.tr * len(ctx)) + len(cont) - 1)
+            self._count(self._kind, len(ctx) + len(cont) - 1, s.n_fed + len(cont) - 1)
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return res

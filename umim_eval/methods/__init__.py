@@ -23,7 +23,6 @@ from umim_eval.methods.base import (
            PromptCompressor,
            PromptMerger,
            PromptMethod,
-           Scored,
            achieved_tr,
 )
 from umim_eval.methods.h2o import H2O
@@ -47,6 +46,9 @@ BASELINES = {cls.name: cls for cls in (SelectContext, LLMLingua1, LLMLingua2, St
 
 __all__ = [
     "BASELINES",
+    "H2O",
+    "LLMLingua1",
+    "LLMLingua2",
     "METHODS",
     "achieved_tr",
     "check_methods",
@@ -66,7 +68,6 @@ __all__ = [
     "PromptCompressor",
     "PromptMerger",
     "PromptMethod",
-    "Scored",
     "SelectContext",
     "self_information",
     "StreamingLLM",

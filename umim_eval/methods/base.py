@@ -81,16 +81,6 @@ class CompressedPrompt:
 
 
 @dataclass
-class Scored:
-    """One row of a matched-TR comparison: what was asked, what was achieved, and the score."""
-
-    method: str
-    target_tr: float
-    achieved_tr: float
-    score: float
-
-
-@dataclass
 class ContinuationScore:
     """A continuation scored after a reduced context."""
 
@@ -98,6 +88,8 @@ class ContinuationScore:
     """[C] float64 NLL (nats) of each continuation token."""
     tr: float
     """Achieved TR on the context (removed positions or evicted entries / context tokens)."""
+    n_fed: int
+    """Context positions the LM was fed (or cache entries it kept)."""
     greedy: bool | None = None
     """Every continuation token is the argmax (None where the method does not expose logits)."""
 
@@ -145,8 +137,12 @@ class Method(ABC):
     @classmethod
     def check_options(cls, options: dict) -> None:
         """Refuse unknown options (and missing trained folders) before any model is loaded."""
+        taken = sorted(set(options) & {"run", "ratio", "merged_lm"})
+        if taken:
+            raise UserError(f"method_options of {cls.name!r}: {taken[0]} is set by the runner (its targets, match "
+                            "or ratio setting), not per method")
         known = set(inspect.signature(cls.from_run if "from_run" in cls.__dict__ else cls).parameters)
-        unknown = sorted(set(options) - known - {"run", "ratio", "merged_lm"})
+        unknown = sorted(set(options) - known)
         if unknown:
             raise UserError(f"method_options of {cls.name!r}: unknown option(s) {unknown}")
 
@@ -184,14 +180,15 @@ class PromptMethod(Method):
 
     def _inputs(self, run, prompt_ids: list[int]) -> PromptInputs:
         """:meth:`inputs` under eager attention when needed; the last result is kept, because the
-        options of one question share their context."""
+        options of one question share their context (the key is the prompt, ``ratio`` and the LM:
+        re-aim with :meth:`aim`, not by changing other settings of a built method)."""
         key = (tuple(prompt_ids), self.ratio, id(run.lm))
         if getattr(self, "_last", (None,))[0] != key:
             if not prompt_ids:
                 raise UserError("empty prompt: give at least one token")
             from umim_eval.scoring.policy_generate import eager_attention
 
-            with eager_attention(run.lm, self.needs_attentions):
+            with eager_attention(run.lm, self.needs_attentions), torch.no_grad():
                 self._last = (key, self.inputs(run.lm, run.tokenizer, list(prompt_ids)))
         return self._last[1]
 
@@ -199,7 +196,8 @@ class PromptMethod(Method):
         inp = self._inputs(run, context)
         logits = continuation_logits(run.lm, inp, target)
         tgt = torch.tensor(list(target), device=logits.device)
-        return ContinuationScore(token_nll(logits, tgt).cpu(), inp.tr, bool((logits.argmax(-1) == tgt).all()))
+        return ContinuationScore(token_nll(logits, tgt).cpu(), inp.tr, inp.n_fed,
+                                 bool((logits.argmax(-1) == tgt).all()))
 
     def generate(self, run, prompts, targets, sampling, n_samples=1, batch_size=1, kv_prefill="full",
                  progress=False):
@@ -340,7 +338,7 @@ class KVPolicy(Method):
         with eager_attention(run.lm, self.needs_attentions):
             r = policy_nll(run.lm, list(context) + list(target), self, schedule="prompt", prompt_len=P)
         evicted = (P + C - 1) - int(r.cache_len[-1])
-        return ContinuationScore(r.token_nll[0, P:], evicted / P)
+        return ContinuationScore(r.token_nll[0, P:], evicted / P, P - evicted)
 
     def generate(self, run, prompts, targets, sampling, n_samples=1, batch_size=1, kv_prefill="full",
                  progress=False):

@@ -12,7 +12,7 @@ Matching (``targets``):
 * ``"umim"`` — per example, every method is driven to the TR UMIM's rules give on THAT context
   (the paper's default: "TR controlled to be the same as our approach");
 * a number, e.g. ``0.1`` — every method at that TR; fixed-rule UMIM cannot be set to a TR and is
-  replaced by its adaptive-budget variant when that method is registered.
+  skipped there (list ``umim_budget`` among the methods for UMIM at those levels).
 
 KV policies (StreamingLLM, H2O) do not shrink the prompt; they evict while reading. They read
 context + target token by token under the ``prompt`` budget schedule: ``round(t * P)`` entries
@@ -117,10 +117,10 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     base_nll = sum(get(f"base|{i}", lambda: _score(built["base"], m, c, t))[0] for i, (c, t) in enumerate(examples))
     base = {"method": "base", "ppl": math.exp(base_nll / n_tgt), "nll": base_nll / n_tgt, "achieved_tr": 0.0}
     rows = []
-    jobs = [(t, name) for t in cfg.targets for name in cfg.methods]
+    jobs = [(t, name) for t in cfg.targets for name in cfg.methods if name != "base"]  # base: its own row
     for target, name in tqdm(jobs, desc="compare", disable=not progress):
         method = built[name]
-        if target != "umim" and method.ratio is None:
+        if target != "umim" and method.fixed_tr:
             continue  # a fixed TR (UMIM's rules) has no knob: the umim_budget method covers fixed levels
         nll, trs, asked = 0.0, [], []
         for i, (ctx, tgt) in enumerate(examples):
