@@ -133,7 +133,7 @@ def test_cache_never_exceeds_budget(lm, ids, cls, schedule):
         assert pos.shape[-1] == int(r.cache_len[-1]) and (pos.diff(dim=-1) > 0).all()
 
 
-@pytest.mark.parametrize("cls", KV_POLICIES)
+@pytest.mark.parametrize("cls", [StreamingLLM])  # H2O grows to its budget first: the next test
 def test_prompt_schedule_reduces_only_the_prompt(lm, ids, cls):
     """``prompt``: while the first P tokens are read the cache loses round(ratio * seen) entries; after
     them the deficit stays round(ratio * P): the cache of a prompt reduced by ``ratio``, then unreduced."""
@@ -146,6 +146,20 @@ def test_prompt_schedule_reduces_only_the_prompt(lm, ids, cls):
     assert abs((L - 1 - int(r.cache_len[-1])) / P - ratio) <= 0.02  # TR on the prompt scale
     with pytest.raises(ValueError, match="prompt_len"):
         policy_nll(lm, ids, cls(ratio=ratio), schedule="prompt")
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.4, 0.6])
+def test_h2o_grows_to_its_budget_before_evicting(lm, ids, ratio):
+    """As published, H2O evicts only once the cache holds the prompt's allowance P - round(ratio * P):
+    the early tokens (the attention sink among them) are all kept until then, the prompt ends at the
+    same cache size as StreamingLLM's, and every later token adds one entry."""
+    P = L // 2
+    r = policy_nll(lm, ids, H2O(ratio=ratio), schedule="prompt", prompt_len=P, step_by_step=True)
+    allowance = P - n_removed(ratio, P)
+    seen = torch.arange(1, L)
+    want = torch.minimum(seen, allowance + torch.clamp(seen - P, min=0))
+    assert torch.equal(r.cache_len, want)
+    assert abs((L - 1 - int(r.cache_len[-1])) / P - ratio) <= 0.02
 
 
 @pytest.mark.parametrize("schedule", ["proportional", "fixed", "prompt"])

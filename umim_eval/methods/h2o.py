@@ -4,7 +4,11 @@ Every cached entry accumulates the attention probability it receives from every 
 and per KV head (query heads of a GQA group are summed: they read the same entry). When the cache
 is over budget, half of the budget goes to the most recent entries and the other half to the
 non-recent entries with the highest accumulated score (the paper's 50/50 heavy/recent split);
-the rest is evicted, independently per layer and head, and its score is forgotten.
+the rest is evicted, independently per layer and head, and its score is forgotten. As published,
+the cache first grows to its budget and only then evicts: under the ``prompt`` schedule the budget
+is the prompt's whole allowance ``P - round(ratio * P)`` from the first token on, so the early
+tokens (the attention sink among them) are all read and scored before anything is evicted, and
+the cache at the end of the prompt is the size of a prompt reduced to TR ``ratio``.
 
 Needs attention weights, i.e. a model loaded with ``attn_implementation="eager"``
 (``lm.set_attn_implementation("eager")``): fused kernels do not return them.
@@ -17,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from umim_eval.methods.base import KVPolicy, check_ratio
+from umim_eval.methods.base import KVPolicy, check_ratio, n_removed
 
 
 @dataclass
@@ -43,6 +47,12 @@ class H2O(KVPolicy):
 
     def reset(self) -> None:
         self.scores = {}
+
+    def budget(self, n_seen: int, n_total: int | None = None, schedule: str = "proportional") -> int:
+        if schedule == "prompt" and n_total is not None:  # grow to the prompt's allowance, then evict
+            allowance = n_total - n_removed(self.ratio, n_total)
+            return min(n_seen, max(allowance, self.min_entries) + max(0, n_seen - n_total))
+        return super().budget(n_seen, n_total, schedule)
 
     def observe(self, layer: int, attn: torch.Tensor, pos: torch.Tensor) -> None:
         B, H, Q, T = attn.shape
