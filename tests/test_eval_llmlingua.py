@@ -50,25 +50,25 @@ def _bytelevel_tokenizer(lines, vocab_size: int):
 
 
 def _wordpiece_tokenizer(lines):
-    """A tiny BERT-style WordPiece tokenizer ([CLS] text [SEP]), trained in-process."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    """A tiny BERT-style WordPiece tokenizer ([CLS] text [SEP]) with a vocabulary built in a fixed order:
+    the specials, every character alone and as a ``##`` continuation, and the 100 most frequent words
+    (tokenizers' WordPieceTrainer picks among equal counts differently in every process, which made
+    the classifier, and so the LLMLingua-2 tests, differ from run to run)."""
+    import collections
+    import re
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    words = collections.Counter(w for line in lines for w in re.findall(r"\w+|[^\w\s]", line))
+    chars = sorted({c for w in words for c in w})
+    frequent = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:100] if len(w) > 1]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + chars + ["##" + c for c in chars] + frequent))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(lines), trainers.WordPieceTrainer(vocab_size=150, special_tokens=specials,
-                                                                   show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
