@@ -221,6 +221,23 @@ def test_qa_runs_umim_and_matched_compressor(qa_result):
     assert "| Select Context |" in qa_table(qa_result)
 
 
+def test_qa_token_reduction_is_on_the_context(tiny):
+    """QA's TR is removed context positions / context tokens, the definition of every runner: a
+    compressor at a fixed ratio reports that ratio (the unreduced continuations are not counted)."""
+    from lm_eval.api.instance import Instance
+
+    from umim_eval.harness.lm_eval_model import UMIMLM
+
+    ctx = " ".join(load_documents("pydoc", "test")[:3])[:600]
+    inst = [Instance(request_type="loglikelihood", doc={}, arguments=(ctx, c), idx=i)
+            for i, c in enumerate([" the end of a long continuation here", " no"])]
+    comp = UMIMLM(pretrained=tiny["lm"], device="cpu", compressor="select_context", ratio=0.3)
+    comp.loglikelihood(inst, disable_tqdm=True)
+    original, compressed = comp._counts["loglikelihood"]
+    assert original == 2 * len(comp.tokenizer(ctx)["input_ids"])
+    assert comp.token_reduction_by_type["loglikelihood"] == pytest.approx(0.3, abs=0.02)
+
+
 def test_compressor_at_ratio_zero_equals_plain(tiny):
     from lm_eval.api.instance import Instance
 

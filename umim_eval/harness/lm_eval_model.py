@@ -40,8 +40,12 @@ the rules give on that context (the paper's matched-TR protocol); ``ratio=0.1`` 
 ``compressor_path=`` names a trained compressor's folder (``ktoken``). Requests
 are scored one at a time on this path (a compressor may return embeddings, not ids).
 
-Token reduction: every request adds its original and compressed position counts (what the LM was
-fed); :attr:`UMIMLM.token_reduction` is ``1 - compressed / original`` over all of them and
+Token reduction: every request adds its original and compressed position counts; for
+``loglikelihood`` these are the CONTEXT's positions only (the continuation is never reduced, and
+counting it would dilute the TR), so the TR is removed context positions / context tokens, the
+definition every runner uses; ``loglikelihood_rolling`` counts whole documents and
+``generate_until`` the final KV cache against the unmerged text. :attr:`UMIMLM.token_reduction` is
+``1 - compressed / original`` over all of them and
 :attr:`UMIMLM.token_reduction_by_type` per request type. ``get_model_info`` puts both into the
 results JSON (``config.umim_token_reduction``, ``config.umim_token_counts``) and logs them when
 lm-eval collects it at the end of the run.
@@ -202,8 +206,8 @@ class UMIMLM(HFLM):
         if self.compressor is not None:
             return self._compressed_loglikelihood_tokens(requests, disable_tqdm)
         if self.merge == "none":
-            for _, ctx, cont in requests:
-                n = min(len(ctx) + len(cont), self.max_length + 1) - 1
+            for _, ctx, cont in requests:  # the context as HFLM truncates it, unreduced
+                n = max(min(len(ctx) + len(cont), self.max_length + 1) - len(cont), 0)
                 self._count(self._kind, n, n)
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         return self._merged_loglikelihood_tokens(requests, disable_tqdm, override_bs)
@@ -264,7 +268,7 @@ class UMIMLM(HFLM):
                 greedy = bool((lp.argmax(-1) == cont_t).all())
                 answer = (float(lp.gather(1, cont_t[:, None]).sum()), greedy)
                 res[i] = answer
-                self._count(self._kind, len(inps[b]), len(rows_start[b]))
+                self._count(self._kind, len(inps[b]) - (len(conts[b]) - 1), n_ctx_seg)  # context positions
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
                 pbar.update(1)
@@ -287,7 +291,7 @@ class UMIMLM(HFLM):
             s = self._method.score_continuation(self.umim, ctx, cont)  # the options of a question share ctx
             answer = (-float(s.nll.sum()), s.greedy)
             res.append(answer)
-            self._count(self._kind, len(ctx) + len(cont) - 1, s.n_fed + len(cont) - 1)
+            self._count(self._kind, len(ctx), s.n_fed)  # context positions, as for UMIM's merged contexts
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return res
