@@ -122,6 +122,17 @@ def test_bertscore_equals_bert_score_package_on_bert(bert_dir):
     assert ours["f1"][0] == pytest.approx(1.0) and bool((ours["f1"][1:] < 1).all())
 
 
+def test_bertscore_weighs_unknown_words_like_bert_score(bert_dir):
+    """Out-of-vocabulary words become [UNK], a token of the text: weight 1, as in bert_score."""
+    import bert_score
+
+    cands, refs = ["the quick zebra fox", "a yak and a dog"], ["the quick brown fox", "a dog and a gnu"]
+    ours = gm.BertScorer(bert_dir, num_layers=1, device="cpu").score(cands, refs)
+    P, R, F = bert_score.score(cands, refs, model_type=bert_dir, num_layers=1, device="cpu")
+    torch.testing.assert_close(ours["f1"], F, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["precision"], P, atol=1e-5, rtol=0)
+
+
 def test_bertscore_on_local_llama(llama_dir):
     scorer = gm.BertScorer(llama_dir, num_layers=1, batch_size=2, device="cpu")
     assert scorer.f1(CANDS, CANDS) == pytest.approx(100.0)

@@ -200,9 +200,9 @@ class BertScorer:
       ``add_prefix_space=True`` meant;
     * token states are the output of layer ``num_layers`` (``hidden_states[num_layers]``; 0 = the
       embeddings), which is what ``bert_score`` gets by dropping the layers above it;
-    * special tokens (``[CLS]``, ``[SEP]``, ``<s>``, BOS ...) get weight 0, the others weight 1
-      (``bert_score`` without idf zeroes ``[CLS]``/``[SEP]``; we also zero BOS, the attention sink
-      of causal LMs);
+    * the wrapping tokens (``[CLS]``, ``[SEP]``, ``<s>``, ``</s>``, BOS) get weight 0, every other
+      token weight 1, ``[UNK]`` included (``bert_score`` without idf zeroes ``[CLS]``/``[SEP]``; we
+      also zero BOS, the attention sink of causal LMs);
     * recall = mean over reference tokens of the max cosine to a candidate token, precision the
       same the other way, F1 = 2PR / (P + R); a text with no weighted token scores 0. No idf, no
       baseline rescaling.
@@ -235,7 +235,8 @@ class BertScorer:
         self.model_type, self.num_layers, self.batch_size = model_type, num_layers, batch_size
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.special = set(tok.all_special_ids)
+        # the wrapping tokens only: [UNK] is a word of the text and weighs 1, as in bert_score
+        self.special = {t for t in (tok.cls_token_id, tok.sep_token_id, tok.bos_token_id) if t is not None}
 
     def _encode(self, text: str) -> list[int]:
         text = text.strip()
