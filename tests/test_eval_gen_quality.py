@@ -133,6 +133,26 @@ def test_bertscore_weighs_unknown_words_like_bert_score(bert_dir):
     torch.testing.assert_close(ours["precision"], P, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+def test_bertscore_llama_states_equal_bert_scores_truncated_model(tmp_path, tok, layer):
+    """bert_score drops the layers above num_layers and reads the model's output, after its final
+    norm; our states are the same (bert_score.score itself refuses this tokenizer: no length limit).
+    The norm's weights are random: with all ones it would only rescale, which cosines do not see."""
+    import bert_score.utils
+
+    lm = make_tiny_lm("llama", len(tok), context=64)
+    torch.manual_seed(0)
+    lm.model.norm.weight.data.uniform_(0.2, 2.0)
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    scorer = gm.BertScorer(str(tmp_path), num_layers=layer, device="cpu")
+    truncated = bert_score.utils.get_model(str(tmp_path), layer)
+    for text, (ours, _) in zip(CANDS, scorer.embed(CANDS)):
+        ids = torch.tensor([scorer._encode(text)])
+        theirs = torch.nn.functional.normalize(truncated(input_ids=ids).last_hidden_state[0].float(), dim=-1)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_bertscore_on_local_llama(llama_dir):
     scorer = gm.BertScorer(llama_dir, num_layers=1, batch_size=2, device="cpu")
     assert scorer.f1(CANDS, CANDS) == pytest.approx(100.0)

@@ -199,7 +199,8 @@ class BertScorer:
       byte-level BPE tokenizer (RoBERTa, GPT-2) gets a leading space, which is what
       ``add_prefix_space=True`` meant;
     * token states are the output of layer ``num_layers`` (``hidden_states[num_layers]``; 0 = the
-      embeddings), which is what ``bert_score`` gets by dropping the layers above it;
+      embeddings), which is what ``bert_score`` gets by dropping the layers above it; a decoder-only
+      model's final norm is applied to them as the truncated model would;
     * the wrapping tokens (``[CLS]``, ``[SEP]``, ``<s>``, ``</s>``, BOS) get weight 0, every other
       token weight 1, ``[UNK]`` included (``bert_score`` without idf zeroes ``[CLS]``/``[SEP]``; we
       also zero BOS, the attention sink of causal LMs);
@@ -237,6 +238,9 @@ class BertScorer:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         # the wrapping tokens only: [UNK] is a word of the text and weighs 1, as in bert_score
         self.special = {t for t in (tok.cls_token_id, tok.sep_token_id, tok.bos_token_id) if t is not None}
+        # decoder-only models end in a norm (Llama `norm`, GPT-2 `ln_f`) that bert_score's truncated
+        # model applies after layer num_layers; BERT and RoBERTa have none
+        self.final_norm = getattr(self.model, "norm", None) or getattr(self.model, "ln_f", None)
 
     def _encode(self, text: str) -> list[int]:
         text = text.strip()
@@ -257,7 +261,10 @@ class BertScorer:
             seqs = [s or [self.pad_id] for s in seqs]
             ids, mask = _pad(seqs, self.pad_id)
             h = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
-            states = torch.nn.functional.normalize(h.hidden_states[self.num_layers].float(), dim=-1).cpu()
+            states = h.hidden_states[self.num_layers]
+            if self.final_norm is not None and self.num_layers < len(h.hidden_states) - 1:
+                states = self.final_norm(states)  # what the model truncated to num_layers would output
+            states = torch.nn.functional.normalize(states.float(), dim=-1).cpu()
             for j, s in enumerate(seqs):
                 w = torch.tensor([0.0 if t in self.special else 1.0 for t in s])
                 if texts[i + j].strip() == "":
