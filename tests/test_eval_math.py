@@ -68,6 +68,7 @@ def test_extract_boxed(text, expected):
     ("042", "42"), ("7.0", "7"), ("1,000", "1000"), (r"\text{ 5 }", "5"), (r"\left( 1, 2 \right)", "(1,2)"),
     ("-0.50", r"-\frac{1}{2}"), (r"\boxed{3}", "3"), (r"90^\circ", "90"), (r"\frac{a+b}{2}", "(a+b)/2"),
     ("3.", "3"),
+    (r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}"), ("x^2+2x+1", "(x+1)^2"), (r"2\sqrt{3}", r"\sqrt{12}"),  # math-verify
 ])
 def test_equivalent_answers_match(a, b):
     assert answers_match(a, b) and answers_match(b, a)

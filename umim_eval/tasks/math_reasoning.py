@@ -164,15 +164,30 @@ def _as_fraction(s: str) -> Fraction | None:
 
 
 def answers_match(pred: str | None, ref: str | None) -> bool:
-    """True when two answers are the same after :func:`normalize_answer`, or equal as rationals
-    (``\\frac{1}{2}`` = ``0.5`` = ``1/2``). A missing answer never matches."""
+    """True when two answers are the same after :func:`normalize_answer`, equal as rationals
+    (``\\frac{1}{2}`` = ``0.5`` = ``1/2``), or equivalent for ``math-verify`` (the checker of
+    Hugging Face's math evaluations: symbolic equality, e.g. ``\\sqrt{2}/2`` = ``\\frac{\\sqrt{2}}{2}``,
+    ``x^2+2x+1`` = ``(x+1)^2``). A missing answer never matches."""
     a, b = normalize_answer(pred), normalize_answer(ref)
     if not a or not b:
         return False
     if a == b:
         return True
     fa, fb = _as_fraction(a), _as_fraction(b)
-    return fa is not None and fa == fb
+    if fa is not None and fb is not None:
+        return fa == fb
+    return _math_verify(pred, ref)
+
+
+def _math_verify(pred: str, ref: str) -> bool:
+    import threading
+
+    from math_verify import parse, verify
+
+    # its time limits use SIGALRM, which only the main thread may set
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    gold, target = parse(f"${ref}$", parsing_timeout=limit), parse(f"${pred}$", parsing_timeout=limit)
+    return bool(gold and target and verify(gold, target, timeout_seconds=limit))
 
 
 # -- the run ------------------------------------------------------------------------------------------
