@@ -37,7 +37,7 @@ import torch
 
 from umim.inference import kv_cache
 from umim.inference.generation import MergedLM, SamplingConfig
-from umim.lm import LMSpec
+from umim.lm import LMSpec, output_cache
 from umim.rules.corpus import load_documents
 
 
@@ -81,7 +81,7 @@ def run_case(m: MergedLM, w: int, n: int, batch: int, repeat: int = 4) -> dict:
         for name in names[r % 3 :] + names[: r % 3]:
             out, t = _timed(runs[name])
             times[name].append(t)
-            kv[name] = kv_cache.cache_bytes(out.past_key_values if name == "hf" else m.last_cache)
+            kv[name] = kv_cache.cache_bytes(output_cache(out) if name == "hf" else m.last_cache)
             if name == "dynamic":
                 dyn = out
 
