@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from umim.inference.decoding import StopCheck, TokenPicker
 from umim.inference.generation import SamplingConfig
 from umim.lm import cache_kwargs
-from umim_eval.methods.base import KVPolicy
+from umim_eval.methods.base import KVPolicy, model_context
 from umim_eval.scoring.policy_nll import evict
 
 PREFILLS = ("full", "step")
@@ -95,7 +95,7 @@ def policy_generate(lm, prompt_ids: list[int], policy: KVPolicy, sampling: Sampl
     if ids.ndim != 1 or len(ids) == 0:
         raise ValueError(f"prompt_ids must be a non-empty list of token ids, got shape {tuple(ids.shape)}")
     L, dev = len(ids), lm.device
-    context = int(getattr(lm.config, "max_position_embeddings", 0) or getattr(lm.config, "n_positions", 0) or 0)
+    context = model_context(lm)
     if context and L > context:
         raise ValueError(f"prompt has {L} tokens; the model's context is {context}")
     n_total = L if schedule == "prompt" else L + cfg.max_new_tokens  # what KVPolicy.budget reads
