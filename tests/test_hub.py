@@ -370,3 +370,21 @@ def test_is_repo_id():
     for name in ("name", "/abs/path", "./org/name", "../org/name", "~/org", "a/b/c", "org/na me", "org//x", "",
                  Path("org/name")):
         assert not hub.is_repo_id(name), name
+
+
+def test_model_args_read_a_hub_run_and_keep_local_names_local(hub_cache, tmp_path, fp, tiny_tokenizer,
+                                                              monkeypatch):
+    """``run_dir="org/name"`` resolves to the cached snapshot's merger/ and rules/; merger and rules
+    given explicitly never look at run_dir; a missing ``runs/x`` under an existing ``runs/`` is a
+    local folder (the loader names it), not a hub query."""
+    from umim.hub import is_local
+    from umim.inference.loading import ModelArgs
+
+    commit_to_cache(hub_cache, "org/run", folder_files(saved_run(tmp_path / "run", fp, tiny_tokenizer)))
+    merger, rules = ModelArgs(run_dir="org/run").merging_paths()
+    assert Path(merger).parent == Path(rules).parent == resolve_run("org/run")
+    assert ModelArgs(run_dir="org/no-run", merger="m", rules="r").merging_paths() == ("m", "r")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert is_local("runs/missing") and not is_local("org/missing")
+    assert ModelArgs(run_dir="runs/missing").merging_paths() == ("runs/missing/merger", "runs/missing/rules")

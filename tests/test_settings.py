@@ -53,3 +53,27 @@ def test_generate_spellings():
 def test_generate_needs_a_prompt():
     with pytest.raises(UserError, match="--prompt"):
         parse_settings(GenerateConfig, [], "umim generate")
+
+
+def test_command_listings_and_unknown_commands(capsys):
+    from umim.cli import main as umim_main
+    from umim_eval.cli import main as eval_main
+
+    assert umim_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {c} " in out for c in ("fit", "validate", "test", "mine", "generate"))
+    assert eval_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {c} " in out for c in ("compare", "ppl", "qa", "lm-eval"))
+    assert umim_main(["bogus"]) == 2 and eval_main(["bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("error: unknown command 'bogus'") for e in err)
+
+
+def test_install_hook_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    from umim_eval.cli import main
+
+    assert main(["install-lm-eval-hook", "--site", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --site") and "nope" in err and "\n" not in err
+    assert not (tmp_path / "nope").exists()
