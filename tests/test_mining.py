@@ -184,6 +184,9 @@ def test_planted_ngrams_with_both_filters_keep_only_the_longest():
     # intra: (1,2,3),(2,3,4) (same count as the 4-gram), all five bigrams (same count as a trigram)
     assert rules.removed_by_filter["intra"] == {2: 5, 3: 2, 4: 0}
     assert rules.removed_by_filter["inter"] == {2: 0, 3: 0, 4: 0}
+    # what each stage changed: inter alone removes everything intra removed, so intra changed nothing,
+    # and intra alone already leaves the final set here, so inter changed nothing either
+    assert rules.marginal_by_filter == {"intra": {2: 0, 3: 0, 4: 0}, "inter": {2: 0, 3: 0, 4: 0}}
 
 
 # -- filters -----------------------------------------------------------------------------------------

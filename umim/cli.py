@@ -1,4 +1,5 @@
-"""The ``umim`` command: ``fit``/``validate``/``test`` (LightningCLI), ``mine`` and ``generate``.
+"""The ``umim`` command: ``fit``/``validate``/``test`` (LightningCLI), ``mine``, ``generate``, and
+``score-rules``/``select-rules`` (:mod:`umim.rules.cost`).
 
 One mechanism for all of them: jsonargparse (LightningCLI's parser; :mod:`umim.settings` for the
 settings dataclasses of ``mine`` and ``generate``), so every command takes ``--config FILE.yaml``
@@ -77,6 +78,8 @@ COMMANDS = {
     "test": "test-split alignment of a trained checkpoint (LightningCLI)",
     "mine": "mine frequent n-gram merge rules from a corpus",
     "generate": "generate text with no, prompt or dynamic merging",
+    "score-rules": "measure each rule's firing rate and the KL its merges cause (costs.json beside the rules)",
+    "select-rules": "keep the cheapest rules by measured cost up to a target TR (a new rules folder)",
 }
 """Subcommand -> one line of help (``umim --help``)."""
 
@@ -154,10 +157,12 @@ def mine_main(argv: list[str]) -> int:
 
 
 def _mine(argv: list[str]) -> int:
+    import tempfile
+
     from .fingerprint import tokenizer_fingerprint
     from .lm import LMSpec, load_tokenizer
-    from .rules.corpus import load_documents, tokenize_documents
-    from .rules.mining import mine_rules
+    from .rules.corpus import tokenized_shards
+    from .rules.mining import mine_rules_sharded
     from .rules.store import is_rules_dir
     from .safe_io import check_replaceable
 
@@ -168,16 +173,18 @@ def _mine(argv: list[str]) -> int:
 
     t0 = time.perf_counter()
     tok = load_tokenizer(LMSpec(a.tokenizer, a.gguf_file))
-    ids, offsets = _head(*tokenize_documents(load_documents(a.data, a.split), tok), a.max_tokens)
-    t1 = time.perf_counter()
-    rules = mine_rules(ids, offsets, tokenizer_fingerprint(tok), a.min_count, a.min_n, a.max_n, a.filters,
-                       corpus=f"{a.data}:{a.split}")
+    with tempfile.TemporaryDirectory(prefix="umim-mine-") as tmp:  # token shards: the corpus need not fit in memory
+        shards, num_docs = tokenized_shards(a.data, a.split, tok, Path(tmp), a.max_tokens)
+        t1 = time.perf_counter()
+        rules = mine_rules_sharded(shards, tokenizer_fingerprint(tok), a.min_count, a.min_n, a.max_n, a.filters,
+                                   corpus=f"{a.data}:{a.split}")
     t2 = time.perf_counter()
     rules.save(a.out)
-    print(f"tokens scanned: {rules.tokens_scanned:,} ({len(offsets) - 1:,} documents)")
+    print(f"tokens scanned: {rules.tokens_scanned:,} ({num_docs:,} documents, {len(shards)} shard(s))")
     print(f"filters: {rules.filters or 'none'}; tau = {rules.min_count}")
     for n, k in rules.num_rules().items():
-        removed = ", ".join(f"-{d.get(n, 0):,} by {s}" for s, d in rules.removed_by_filter.items())
+        # what each stage changed: rules the final set would hold without it (0 when a later stage subsumes it)
+        removed = ", ".join(f"-{d.get(n, 0):,} by {s}" for s, d in rules.marginal_by_filter.items())
         print(f"  {n}-grams: {k:,}" + (f" ({removed})" if removed else ""))
     print(f"wall time: tokenize {t1 - t0:.1f} s, count+filter {t2 - t1:.2f} s; saved to {a.out}")
     return 0
@@ -293,6 +300,10 @@ def _dispatch(args: list[str]) -> int:
         return mine_main(args[1:])
     if args[0] == "generate":
         return generate_main(args[1:])
+    if args[0] in ("score-rules", "select-rules"):
+        from .rules.cost import score_rules_main, select_rules_main
+
+        return (score_rules_main if args[0] == "score-rules" else select_rules_main)(args[1:])
     _check_ckpt_path(args)
     try:
         build_cli(args)

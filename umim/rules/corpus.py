@@ -22,6 +22,7 @@ Sources without splits are split deterministically by document index: every 20th
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -29,6 +30,7 @@ import os
 import re
 import sys
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +106,15 @@ def _local(spec: str) -> list[str]:
     return docs
 
 
-def _hf(spec: str, split: str, text_field: str) -> list[str]:
+ROWS_PER_SHARD = 50_000  # rows of a ``datasets`` split tokenized and counted at a time (WikiText-103: ~3M tokens)
+
+
+def _hf_shards(spec: str, split: str, text_field: str) -> Iterator[list[str]]:
+    """Documents of ``split`` of ``hf:spec``, one list per shard of the dataset (read one at a time).
+
+    Shards are contiguous row ranges: at least one per arrow file of the split and at most
+    ``ROWS_PER_SHARD`` rows each. The carve-out rule indexes documents across all shards.
+    """
     import datasets
 
     path, _, config = spec.partition(":")
@@ -125,13 +135,72 @@ def _hf(spec: str, split: str, text_field: str) -> list[str]:
         raise CorpusError(f"corpus hf:{spec} has no split {split!r} (it has {sorted(ds)})")
     if text_field not in source.column_names:
         raise CorpusError(f"corpus hf:{spec}: no column {text_field!r} (columns: {source.column_names})")
-    docs = [t for t in source[text_field] if isinstance(t, str) and t.strip()]
-    if carve is not None:
-        return _split_by_index(docs, carve)
-    if split == "train":  # leave out what the missing held-out splits take from it
-        missing = [s for s in ("validation", "test") if s not in ds]
-        return [d for i, d in enumerate(docs) if not any(_held_out(i, s) for s in missing)]
-    return docs
+    # train leaves out what the missing held-out splits take from it
+    missing = [s for s in ("validation", "test") if s not in ds] if split == "train" and carve is None else []
+    num = max(1, len(source.cache_files), -(-source.num_rows // ROWS_PER_SHARD))
+    first = 0  # index of the shard's first document in the whole split
+    for s in range(num):
+        docs = [t for t in source.shard(num, s, contiguous=True)[text_field] if isinstance(t, str) and t.strip()]
+        index = range(first, first + len(docs))
+        first += len(docs)
+        if carve is not None:
+            docs = [d for i, d in zip(index, docs) if _held_out(i, carve)]
+        elif missing:
+            docs = [d for i, d in zip(index, docs) if not any(_held_out(i, m) for m in missing)]
+        yield docs
+
+
+def _hf(spec: str, split: str, text_field: str) -> list[str]:
+    return [d for docs in _hf_shards(spec, split, text_field) for d in docs]
+
+
+def document_shards(spec: str, split: str = "train", text_field: str = "text") -> Iterator[list[str]]:
+    """:func:`load_documents` in shards: one per shard of a ``hf:`` dataset, read one at a time (so a
+    corpus larger than memory can be tokenized and counted), one for every other kind of corpus."""
+    if not spec.startswith("hf:"):
+        yield load_documents(spec, split, text_field)
+        return
+    if split not in SPLITS:
+        raise CorpusError(f"unknown split {split!r}; choose from {SPLITS}")
+    yield from _hf_shards(spec[3:], split, text_field)
+
+
+def tokenized_shards(spec: str, split: str, tokenizer, folder: Path, max_tokens: int = 0,
+                     progress: bool = True) -> tuple[list[Callable[[], tuple[np.ndarray, np.ndarray]]], int]:
+    """Tokenize :func:`document_shards` one shard at a time into ``folder`` (one ``.npz`` per shard).
+
+    ``max_tokens`` > 0 keeps only the whole documents within the first ``max_tokens`` tokens (at
+    least one document). Returns the shard loaders (each returns ``ids`` int32 [N_s] and ``offsets``
+    int64 [D_s + 1] when called; see :func:`umim.rules.mining.count_ngrams_sharded`) and the number
+    of documents.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, tokens, num_docs = [], 0, 0
+    for i, docs in enumerate(document_shards(spec, split)):
+        if not docs:
+            continue
+        ids, offsets = tokenize_documents(docs, tokenizer, progress=progress)
+        whole = len(offsets)
+        if max_tokens and tokens + ids.size > max_tokens:  # whole documents within the budget
+            keep = int(np.searchsorted(offsets, max_tokens - tokens, side="right"))
+            offsets = offsets[: max(keep, 1 if tokens else 2)]
+            ids = ids[: offsets[-1]]
+        if ids.size:
+            path = folder / f"tokens-{i:05d}.npz"
+            np.savez(path, ids=ids, offsets=offsets)
+            shards.append(functools.partial(_load_shard, path))
+            tokens, num_docs = tokens + ids.size, num_docs + len(offsets) - 1
+        if len(offsets) < whole:  # the token budget ends in this shard
+            break
+    if tokens == 0:
+        raise CorpusError(f"corpus {spec!r} split {split!r} tokenizes to zero tokens")
+    return shards, num_docs
+
+
+def _load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        return z["ids"], z["offsets"]
 
 
 def load_documents(spec: str, split: str = "train", text_field: str = "text") -> list[str]:

@@ -1,11 +1,22 @@
 """Merge-rule mining: count contiguous n-grams of a tokenized corpus and keep the frequent ones.
 
-Counting is exact and vectorized. An n-gram is encoded as ``rank(its (n-1)-prefix) * V + last``,
-where the rank is the prefix's index among the frequent (n-1)-grams, so keys fit in int64 for any
-vocabulary and every level is one stable sort of the positions still alive (kept grouped by prefix
-between levels, so the sort sees long sorted runs). Apriori pruning (an n-gram can only reach tau
-if its prefix does) keeps only positions whose prefix is frequent, so memory shrinks level by
-level. Windows never cross document boundaries.
+Counting is exact, hash-based and level-wise over one or more *shards* (a corpus in memory is one
+shard; a corpus larger than memory is a list of shards, read one at a time):
+
+* pass 1 counts unigrams; tokens below tau are relabelled 0, the others 1..U in id order;
+* pass 2 counts bigrams (packed as base-(U+1) numbers) with one hash group-by per shard;
+* from pass 3 on, the ``max_n``-token window at every position, cut before its first bigram that is
+  not frequent (Apriori: every bigram of a frequent n-gram is frequent; this also cuts at document
+  ends), is packed as ``max_n`` base-(U+1) digits (int64, or Int128 when (U+1)^max_n does not fit:
+  large vocabularies) and counted with one hash group-by; the n-gram counts are sums over that
+  window table (its leading n digits), kept only when the (n-1)-prefix is frequent in the *whole*
+  corpus (Apriori again) and summed into the running table, so memory is bounded by one shard plus
+  the candidate table, never by the corpus. Totals equal those of counting the concatenated shards.
+  One shard is read once and its window table serves every pass; several are re-read per pass.
+
+The hash group-bys are polars' (multithreaded). They replace a sort-based counter (one
+``np.argsort`` of the surviving positions per level) that took 0.93 s, 6.5x ``collections.Counter``,
+on the 5M-token worst-case sample of ``benchmarks/bench_mining.py``; see docs/results.md for this one.
 
 Filtering (paper App. A, "hierarchical overlap filtering"), applied in this order:
 
@@ -15,19 +26,28 @@ Filtering (paper App. A, "hierarchical overlap filtering"), applied in this orde
 * ``inter`` — an n-gram is removed when it is contained anywhere (prefix, middle or suffix) in a
   longer kept candidate (paper Pseudocode 1, ``exists_longer_overlap``). This stage removes many
   frequent bigrams and lowers the token reduction on out-of-domain text.
+
+``removed_by_filter[stage][n]`` counts what a stage removed from what the stages before it left;
+``marginal_by_filter[stage][n]`` what it changed: the n-grams the final set would hold if that stage
+were left out. A stage whose removals a later stage makes anyway reports 0 there (inter removes
+every n-gram contained in a longer kept one, which covers intra's prefix/suffix rule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+import polars as pl
 from tqdm.auto import tqdm
 
 from umim.errors import UserError
 from umim.rules.store import MAX_N, MergeRules
 
 FILTER_STAGES = ("intra", "inter")
+
+Shard = Callable[[], tuple[np.ndarray, np.ndarray]]
+"""Loads one shard: ``(ids int [N_s], doc_offsets int [D_s + 1])``; called once per counting pass."""
 
 
 class MiningError(UserError):
@@ -54,66 +74,195 @@ def count_ngrams(
     -------
     ``{n: (ngrams int64 [k, n], counts int64 [k])}``, rows sorted by descending count, then ids.
     """
+    ids, off = _check_shard(ids, doc_offsets)
+    return count_ngrams_sharded([lambda: (ids, off)], n_values, min_count, progress)
+
+
+def count_ngrams_sharded(
+    shards: Sequence[Shard],
+    n_values: Iterable[int] = (2, 3, 4),
+    min_count: int = 5,
+    progress: bool = True,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """:func:`count_ngrams` of the concatenation of ``shards``, reading one shard at a time.
+
+    Each shard is loaded once per pass (``max(n_values)`` passes; a single shard only once) and
+    dropped before the next is loaded; documents never span two shards. Returns the same layout as
+    :func:`count_ngrams`.
+    """
+    return _count(shards, n_values, min_count, progress)[0]
+
+
+def _count(shards: Sequence[Shard], n_values: Iterable[int], min_count: int, progress: bool,
+           vocab_size: int | None = None) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int]:
+    """:func:`count_ngrams_sharded` and the number of tokens read; ids >= ``vocab_size`` are refused."""
     n_values = sorted(set(int(n) for n in n_values))
     if not n_values or n_values[0] < 2:
         raise MiningError(f"n-gram lengths must be >= 2, got {n_values}")
     if min_count < 1:
         raise MiningError(f"min_count must be >= 1, got {min_count}")
-    ids = np.asarray(ids)
-    if ids.size == 0:
+    max_n = n_values[-1]
+    unigram, tokens = np.zeros(0, dtype=np.int64), 0
+    for load in shards:
+        ids, _ = _check_shard(*load())
+        counts = np.bincount(ids.astype(np.int64, copy=False))
+        unigram = np.pad(unigram, (0, max(0, len(counts) - len(unigram))))
+        unigram[: len(counts)] += counts
+        tokens += ids.size
+        del ids, counts
+    if tokens == 0:
         raise MiningError("the corpus is empty: no tokens to count")
-    if ids.min() < 0:
+    if vocab_size is not None and len(unigram) > vocab_size:
+        raise MiningError(f"corpus token id {len(unigram) - 1} exceeds the tokenizer's vocabulary ({vocab_size}): "
+                          "wrong tokenizer fingerprint?")
+    frequent = np.flatnonzero(unigram >= min_count)  # relabelled token t + 1 <-> id frequent[t]
+    radix = len(frequent) + 1
+    relabel = np.zeros(len(unigram), dtype=np.int32 if radix < 2**31 else np.int64)
+    relabel[frequent] = np.arange(1, radix)
+    if radix**max_n >= 2**127 or radix ** (max_n - max_n // 2) >= 2**63:
+        raise MiningError(f"{max_n}-grams over {radix - 1} distinct frequent tokens do not fit 128-bit keys: "
+                          "lower the n-gram length")
+    wide = pl.Int64 if radix**max_n < 2**63 else pl.Int128
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    kept = {}  # a single shard is read once and kept
+
+    def read(load: Shard) -> tuple[np.ndarray, np.ndarray]:
+        if len(shards) > 1:
+            return _check_shard(*load())
+        if "shard" not in kept:
+            kept["shard"] = _check_shard(*load())
+        return kept["shard"]
+
+    bigrams = None  # the frequent bigrams: with them, windows are cut where a bigram is rare (Apriori)
+    prefixes = None  # packed frequent (n-1)-grams
+    for n in tqdm(range(2, max_n + 1), desc="counting n-grams", disable=not progress, leave=False):
+        table = None
+        for load in shards:
+            if n == 2 or "windows" not in kept:
+                ids, off = read(load)
+                padded, room = _relabelled(ids, relabel, off, max_n)
+                del ids, off
+                if n == 2:
+                    part = _bigram_table(padded, room, radix)
+                else:
+                    windows = _window_table(padded, room, max_n, radix, wide, bigrams)
+                    if len(shards) == 1:  # one shard's window table serves every later pass
+                        kept["windows"] = windows
+                del padded, room
+            if n > 2:
+                part = _level_table(kept["windows"] if "windows" in kept else windows, n, max_n, radix, prefixes)
+                windows = None
+            # the running sum holds candidates only: its size is bounded by them, not by the corpus
+            table = part if table is None else pl.concat([table, part]).group_by("k").agg(pl.col("c").sum())
+            del part
+        table = table.filter(pl.col("c") >= min_count)
+        if n in n_values:
+            table = table.sort("k")  # packed keys sort as their token ids do
+            counts = table["c"].to_numpy()
+            order = np.argsort(-counts, kind="stable")  # descending count, ties keep id order
+            grams = [frequent[_digit(table["k"], radix, n - 1 - j)[order] - 1] for j in range(n)]
+            out[n] = (np.stack(grams, axis=1).reshape(-1, n).astype(np.int64), counts[order].astype(np.int64))
+        prefixes = table["k"]
+        if n == 2:
+            bigrams = prefixes
+    return out, tokens
+
+
+def _check_shard(ids, doc_offsets) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids)
+    if ids.size and ids.min() < 0:
         raise MiningError("token ids must be non-negative")
     off = np.asarray(doc_offsets, dtype=np.int64)
-    if off.ndim != 1 or len(off) < 2 or off[0] != 0 or off[-1] != ids.size or (np.diff(off) < 0).any():
+    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != ids.size or (np.diff(off) < 0).any():
         raise MiningError(f"doc_offsets must rise from 0 to len(ids) = {ids.size}")
-    max_n, vocab = n_values[-1], int(ids.max()) + 1
+    return ids, off
 
-    # room[p]: tokens left in p's document, capped at max_n (1 byte per token)
-    room = np.full(ids.size, max_n, dtype=np.uint8)
+
+def _digit(keys: pl.Series, radix: int, place: int) -> np.ndarray:
+    """int64 [k]: base-``radix`` digit ``place`` (0 = last token) of packed n-grams ``keys``."""
+    r = pl.lit(radix, dtype=keys.dtype)
+    return pl.select((pl.lit(keys) // pl.lit(radix**place, dtype=keys.dtype) % r).cast(pl.Int64)).to_series().to_numpy()
+
+
+def _relabelled(ids: np.ndarray, relabel: np.ndarray, off: np.ndarray, max_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's tokens relabelled (0 = below tau) then ``max_n`` zeros: int [N_s + max_n]; and
+    ``room`` uint8 [N_s], the tokens left in each position's document (itself included), capped at max_n."""
+    size = ids.size
+    room = np.full(size, max_n, dtype=np.uint8)
     for k in range(max_n - 1, 0, -1):
         last = off[1:] - k
-        ok = last >= off[:-1]
-        room[last[ok]] = k
-    unigram = np.bincount(ids, minlength=vocab)
-    pos = np.flatnonzero(unigram[ids] >= min_count).astype(np.int32 if ids.size < 2**31 else np.int64)
-    tok = ids[pos]
-    order = np.argsort(tok.astype(np.uint16) if vocab <= 65536 else tok, kind="stable")
-    # positions stay grouped by their prefix from level to level, so each level's keys arrive
-    # nearly sorted and the stable sort (timsort/radix) is cheap
-    pos, node = pos[order], tok[order].astype(np.int64)
-    del order, tok
-    prev = np.arange(vocab, dtype=np.int64)[:, None]  # n-gram of each rank at the previous level
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for n in tqdm(range(2, max_n + 1), desc="counting n-grams", disable=not progress, leave=False):
-        keep = room[pos] >= n
-        pos, node = pos[keep], node[keep]
-        if pos.size == 0:
-            for m in range(n, max_n + 1):
-                if m in n_values:
-                    out[m] = (np.zeros((0, m), dtype=np.int64), np.zeros(0, dtype=np.int64))
-            break
-        key = node * vocab + ids[pos + (n - 1)]
-        order = np.argsort(key, kind="stable")
-        key, pos = key[order], pos[order]
-        del order, node
-        new = np.empty(key.size, dtype=bool)
-        new[0] = True
-        np.not_equal(key[1:], key[:-1], out=new[1:])
-        starts = np.flatnonzero(new)
-        cnt = np.diff(np.append(starts, key.size))
-        frequent = cnt >= min_count
-        uniq = key[starts[frequent]]
-        del key, new, starts
-        grams = np.column_stack([prev[uniq // vocab], uniq % vocab])  # lexicographic order
-        fcount = cnt[frequent].astype(np.int64)
-        if n in n_values:
-            by_count = np.argsort(-fcount, kind="stable")  # ties keep lexicographic order
-            out[n] = (grams[by_count], fcount[by_count])
-        pos = pos[np.repeat(frequent, cnt)]
-        node = np.repeat(np.arange(len(fcount), dtype=np.int64), fcount)  # noqa: F841 (read by the next level)
-        prev = grams
-    return out
+        room[last[last >= off[:-1]]] = k
+    padded = np.zeros(size + max_n, dtype=relabel.dtype)
+    np.take(relabel, ids, out=padded[:size])
+    return padded, room
+
+
+def _bigram_keys(padded: np.ndarray, room: np.ndarray, radix: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [N_s] packed bigram at each position, and bool [N_s]: whether it is one (in the document,
+    no token below tau)."""
+    size = room.size
+    ok = (padded[:size] != 0) & (padded[1 : size + 1] != 0) & (room >= 2)
+    return padded[:size].astype(np.int64) * radix + padded[1 : size + 1], ok
+
+
+def _bigram_table(padded: np.ndarray, room: np.ndarray, radix: int) -> pl.DataFrame:
+    """Counts of one shard's bigrams: columns ``k`` (Int64, 2 base-``radix`` digits) and ``c`` (Int64)."""
+    keys, ok = _bigram_keys(padded, room, radix)
+    return pl.Series("k", keys[ok]).to_frame().lazy().group_by("k").agg(pl.len().cast(pl.Int64).alias("c")).collect()
+
+
+def _window_table(padded: np.ndarray, room: np.ndarray, max_n: int, radix: int, dtype,
+                  bigrams: pl.Series) -> pl.DataFrame:
+    """Counts of one shard's windows: the ``max_n`` tokens from each position, cut before the first
+    bigram that is not in ``bigrams`` (the corpus' frequent ones; this also cuts at the document's end
+    and at tokens below tau), kept when at least 3 tokens long.
+
+    ``padded``, ``room`` : see :func:`_relabelled`. A window is packed as ``max_n`` base-``radix``
+    digits, 0 after the cut (so a key's leading n digits are the n-gram at that position, when its
+    n-th digit is not 0). Returns columns ``k`` (``dtype``) and ``c`` (Int64). Every level n >= 3 is
+    derived from this one table: one hash group-by over the positions instead of one per level.
+    """
+    size = room.size
+    keys, ok = _bigram_keys(padded, room, radix)
+    frequent = np.zeros(size + max_n, dtype=bool)  # the bigram at p is frequent
+    frequent[np.flatnonzero(ok)] = pl.Series(keys[ok]).is_in(bigrams.implode()).to_numpy()
+    del keys, ok
+    alive = frequent[:size] & frequent[1 : size + 1]
+    starts = alive.copy()
+    halves = []
+    split = max_n if dtype == pl.Int64 else max_n // 2  # Int128: two int64 halves, joined below
+    for lo, hi in ((0, split), (split, max_n)):
+        if lo == hi:
+            continue
+        key = np.zeros(size, dtype=np.int64)
+        for j in range(lo, hi):
+            if j >= 3:  # digit j needs the bigram (j-1, j) frequent too
+                alive &= frequent[j - 1 : j - 1 + size]
+            key *= radix
+            key += np.where(alive, padded[j : j + size], 0)
+        halves.append(pl.Series(key[starts]))
+        del key
+    if len(halves) == 1:
+        keys = halves[0].alias("k")
+    else:
+        keys = pl.select((pl.lit(halves[0]).cast(dtype) * pl.lit(radix ** (max_n - split), dtype=dtype)
+                          + pl.lit(halves[1])).alias("k")).to_series()
+    return keys.to_frame().lazy().group_by("k").agg(pl.len().cast(pl.Int64).alias("c")).collect()
+
+
+def _level_table(windows: pl.DataFrame, n: int, max_n: int, radix: int, prefixes) -> pl.DataFrame:
+    """Counts of the n-grams in ``windows`` (see :func:`_window_table`) whose (n-1)-prefix is in
+    ``prefixes`` (all when None). Columns ``k`` (n base-``radix`` digits) and ``c``."""
+    dtype = windows.schema["k"]
+    gram = pl.col("k") // pl.lit(radix ** (max_n - n), dtype=dtype)
+    table = windows.lazy().filter(gram % pl.lit(radix, dtype=dtype) != 0)  # windows of >= n tokens
+    if n < max_n:  # full windows are unique keys already
+        table = table.group_by(gram.alias("k")).agg(pl.col("c").sum())
+    if prefixes is not None:  # Apriori: an n-gram can reach tau only if its (n-1)-prefix does, corpus-wide
+        prefix = (pl.col("k") // pl.lit(radix, dtype=dtype)).cast(prefixes.dtype)
+        table = table.filter(prefix.is_in(prefixes.implode()))
+    fits = radix**n < 2**63
+    return table.with_columns(pl.col("k").cast(pl.Int64)).collect() if fits and dtype != pl.Int64 else table.collect()
 
 
 def _row_ids(*arrays: np.ndarray) -> list[np.ndarray]:
@@ -163,6 +312,36 @@ def filter_inter(ngrams: dict, counts: dict) -> tuple[dict, dict, dict[int, int]
     return ngrams, counts, removed
 
 
+FILTERS = {"intra": filter_intra, "inter": filter_inter}
+
+
+def apply_filters(ngrams: dict, counts: dict, filters: Iterable[str]) -> tuple[dict, dict, dict, dict]:
+    """Run the stages of ``filters`` in the order of :data:`FILTER_STAGES`.
+
+    Returns the kept ``ngrams``, ``counts``, ``removed`` (per stage and n: what the stage removed from
+    what the stages before it left) and ``marginal`` (per stage and n: the n-grams the final set
+    would hold if that stage were left out, but does not hold; 0 when later stages remove them anyway).
+    """
+    stages = [s for s in FILTER_STAGES if s in set(filters)]
+
+    def run(skip: str | None):
+        g, c, removed = dict(ngrams), dict(counts), {}
+        for stage in stages:
+            if stage != skip:
+                g, c, removed[stage] = FILTERS[stage](g, c)
+        return g, c, removed
+
+    kept, kept_counts, removed = run(None)
+    marginal = {}
+    for stage in stages:
+        without = run(stage)[0]
+        marginal[stage] = {}
+        for n in sorted(kept):
+            w_ids, k_ids = _row_ids(without[n], kept[n])
+            marginal[stage][n] = int((~np.isin(w_ids, k_ids)).sum())
+    return kept, kept_counts, removed, marginal
+
+
 def mine_rules(
     ids: np.ndarray,
     doc_offsets: np.ndarray,
@@ -182,6 +361,21 @@ def mine_rules(
     tokenizer_fp : fingerprint of the tokenizer that produced ``ids``.
     filters : subset of ``("intra", "inter")``, applied in that order; ``()`` keeps every candidate.
     """
+    ids, off = _check_shard(ids, doc_offsets)
+    return mine_rules_sharded([lambda: (ids, off)], tokenizer_fp, min_count, min_n, max_n, filters, corpus, progress)
+
+
+def mine_rules_sharded(
+    shards: Sequence[Shard],
+    tokenizer_fp: dict,
+    min_count: int = 5,
+    min_n: int = 2,
+    max_n: int = 4,
+    filters: Iterable[str] = FILTER_STAGES,
+    corpus: str = "",
+    progress: bool = True,
+) -> MergeRules:
+    """:func:`mine_rules` of the concatenation of ``shards`` (see :func:`count_ngrams_sharded`)."""
     filters = list(filters)
     unknown = set(filters) - set(FILTER_STAGES)
     if unknown:
@@ -191,23 +385,17 @@ def mine_rules(
                           f"got min_n={min_n}, max_n={max_n}")
     if min_count < 1:
         raise MiningError(f"min_count must be at least 1, got {min_count}")
-    ids = np.asarray(ids)
-    if ids.size and int(ids.max()) >= tokenizer_fp["vocab_size"]:
-        raise MiningError("corpus token ids exceed the tokenizer's vocabulary: wrong tokenizer fingerprint?")
-    counted = count_ngrams(ids, doc_offsets, range(min_n, max_n + 1), min_count, progress)
+    counted, tokens = _count(shards, range(min_n, max_n + 1), min_count, progress, tokenizer_fp["vocab_size"])
     ngrams = {n: g for n, (g, _) in counted.items()}
     counts = {n: c for n, (_, c) in counted.items()}
     if sum(len(g) for g in ngrams.values()) == 0:
-        best = _max_count(ids, doc_offsets, min_n)
+        best = _count(shards, [min_n], 1, False)[0][min_n][1]
         raise MiningError(
-            f"no n-gram of length {min_n}..{max_n} occurs >= {min_count} times in {ids.size} tokens "
-            f"(most frequent {min_n}-gram occurs {best} times): lower --min-count or use a larger corpus"
+            f"no n-gram of length {min_n}..{max_n} occurs >= {min_count} times in {tokens} tokens "
+            f"(most frequent {min_n}-gram occurs {int(best.max()) if len(best) else 0} times): "
+            "lower --min-count or use a larger corpus"
         )
-    removed = {}
-    for stage in FILTER_STAGES:
-        if stage in filters:
-            fn = filter_intra if stage == "intra" else filter_inter
-            ngrams, counts, removed[stage] = fn(ngrams, counts)
+    ngrams, counts, removed, marginal = apply_filters(ngrams, counts, filters)
     return MergeRules(
         ngrams=ngrams,
         counts=counts,
@@ -216,12 +404,7 @@ def mine_rules(
         n_range=(min_n, max_n),
         filters=[s for s in FILTER_STAGES if s in filters],
         corpus=corpus,
-        tokens_scanned=int(ids.size),
+        tokens_scanned=tokens,
         removed_by_filter=removed,
+        marginal_by_filter=marginal,
     )
-
-
-def _max_count(ids: np.ndarray, doc_offsets: np.ndarray, n: int) -> int:
-    counted = count_ngrams(ids, doc_offsets, [n], 1, progress=False)[n][1]
-    return int(counted.max()) if len(counted) else 0
-

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from umim.fingerprint import tokenizer_fingerprint
-from umim.rules.mining import FILTER_STAGES, MiningError, filter_inter, filter_intra
+from umim.rules.mining import FILTER_STAGES, MiningError, apply_filters
 from umim.rules.store import MergeRules
 
 HEADS = ("confident", "free")
@@ -224,10 +224,7 @@ def mine_model_prob_rules(
             f"no span of {min_n}..{max_n} tokens with p > {threshold} occurs >= {min_count} times in {ids.size} "
             "tokens: lower the threshold or min_count, or use a larger corpus"
         )
-    removed = {}
-    for stage in FILTER_STAGES:
-        if stage in filters:
-            ngrams, counts, removed[stage] = (filter_intra if stage == "intra" else filter_inter)(ngrams, counts)
+    ngrams, counts, removed, marginal = apply_filters(ngrams, counts, filters)
     lm_name = getattr(lm.config, "name_or_path", "") or type(lm).__name__
     provenance = (f"model-prob rules (App. G.4): lm={lm_name}, p>{threshold}, head={head}, "
                   f"long_runs={long_runs}, block_size={block_size}")
@@ -235,5 +232,5 @@ def mine_model_prob_rules(
         ngrams=ngrams, counts=counts, tokenizer=fp, min_count=min_count, n_range=(min_n, max_n),
         filters=[s for s in FILTER_STAGES if s in filters],
         corpus=f"{corpus} | {provenance}" if corpus else provenance,
-        tokens_scanned=int(ids.size), removed_by_filter=removed,
+        tokens_scanned=int(ids.size), removed_by_filter=removed, marginal_by_filter=marginal,
     )

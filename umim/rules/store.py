@@ -6,8 +6,13 @@ On disk a rule set is a directory with two files (format version 1):
   ``counts_{n}`` (int64 ``[k_n]``, corpus frequency), rows sorted by descending count.
 * ``rules.json`` — ``format`` ("umim-merge-rules"), ``version`` (1), ``min_count`` (tau), ``n_range``,
   ``filters`` (list of filter stages applied), ``corpus`` (description), ``tokens_scanned``,
-  ``num_rules`` per n, ``removed_by_filter`` per stage and n, and ``tokenizer`` (fingerprint:
-  name, vocab_size, vocab_sha256).
+  ``num_rules`` per n, ``removed_by_filter`` per stage and n (what the stage removed from what the
+  stages before it left), ``marginal_by_filter`` per stage and n (the rules the final set would hold
+  without that stage: 0 for a stage that a later one subsumes; absent in files written before it
+  existed, read as ``{}``), and ``tokenizer`` (fingerprint: name, vocab_size, vocab_sha256).
+  Optional: ``selection`` (provenance of a subset picked by ``umim select-rules``: source rules,
+  costs file, target); older files without it load as before. ``umim score-rules`` writes
+  ``costs.json`` beside the two files (:mod:`umim.rules.cost`).
 
 Files are written to a temporary directory first and moved into place, so an interrupted save
 never leaves a half-written rule set behind.
@@ -61,6 +66,11 @@ class MergeRules:
     corpus: str = ""
     tokens_scanned: int = 0
     removed_by_filter: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Per stage and n: n-grams the stage removed from what the stages before it left."""
+    marginal_by_filter: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Per stage and n: n-grams the final set would hold if the stage were left out (what it changed)."""
+    selection: dict = field(default_factory=dict)
+    """Provenance of a rule subset chosen by measured cost (empty for mined rules)."""
 
     def __post_init__(self):
         for n in list(self.ngrams):
@@ -105,7 +115,10 @@ class MergeRules:
             "tokens_scanned": int(self.tokens_scanned),
             "num_rules": {str(n): k for n, k in self.num_rules().items()},
             "removed_by_filter": {s: {str(n): int(k) for n, k in d.items()} for s, d in self.removed_by_filter.items()},
+            "marginal_by_filter": {s: {str(n): int(k) for n, k in d.items()}
+                                   for s, d in self.marginal_by_filter.items()},
             "tokenizer": self.tokenizer,
+            **({"selection": self.selection} if self.selection else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -170,6 +183,8 @@ class MergeRules:
         version = meta.get("version")
         if type(version) is not int or version != VERSION:
             raise RulesFileError(f"{meta_file} has format version {version!r}, this UMIM reads {VERSION} (an integer)")
+        if not isinstance(meta.get("selection", {}), dict):
+            raise RulesFileError(f"{meta_file}: 'selection' must be an object, got {meta['selection']!r}")
         if meta.get("tokenizer") is not None and not isinstance(meta.get("tokenizer"), dict):
             raise RulesFileError(f"{meta_file}: 'tokenizer' must be a fingerprint object, got {meta['tokenizer']!r}")
         try:
@@ -204,6 +219,9 @@ class MergeRules:
                 tokens_scanned=meta["tokens_scanned"],
                 removed_by_filter={s: {int(n): k for n, k in d.items()}
                                    for s, d in meta.get("removed_by_filter", {}).items()},
+                marginal_by_filter={s: {int(n): k for n, k in d.items()}
+                                    for s, d in meta.get("marginal_by_filter", {}).items()},
+                selection=meta.get("selection", {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise RulesFileError(f"{meta_file} lacks or mangles a required field: {e!r}") from e
