@@ -17,9 +17,11 @@ prompt loses ``round(ratio * n)`` positions as closely as the matches allow:
    within 2 points or report why).
 
 Scores: ``"count"`` (rule frequency in the mining corpus; the default), ``"length"`` (longer spans
-first, i.e. the most positions per surrogate) and ``"alignment"`` (a per-rule score the user
+first, i.e. the most positions per surrogate), ``"alignment"`` (a per-rule score the user
 supplies, e.g. how well the merger's surrogate for that span aligns; rules without a score come
-last). Surrogates come from the trained merger, exactly as in fixed-rule UMIM.
+last) and ``"cost"`` (the measured KL per saved position that ``umim score-rules`` stores beside the
+rules, :mod:`umim.rules.cost`; cheapest first, rules it never saw fire last). Surrogates come from
+the trained merger, exactly as in fixed-rule UMIM.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from umim.inference.generation import MergedLM
 from umim.inference.loading import merging_missing
 from umim_eval.methods.base import MergedPrompt, PromptMerger, check_ratio, n_removed
 
-SCORES = ("count", "length", "alignment")
+SCORES = ("count", "length", "alignment", "cost")
 TOLERANCE = 0.02
 """TR points (as a fraction) a result may miss its target by before a warning is raised."""
 
@@ -86,6 +88,21 @@ def load_alignment_scores(source: dict | str | Path) -> dict[tuple[int, ...], fl
     return out
 
 
+def load_cost_scores(source) -> dict[tuple[int, ...], float]:
+    """``{ngram tuple: cost}`` of the rules that fired, from a costs file, a rules folder holding
+    ``costs.json``, a :class:`~umim.rules.cost.RuleCosts` or a dict."""
+    from umim.rules.cost import RuleCosts
+
+    if isinstance(source, RuleCosts):
+        return source.table()
+    if isinstance(source, dict):
+        out = {tuple(int(t) for t in g): float(c) for g, c in source.items()}
+        if any(len(g) < 2 for g in out):
+            raise UserError("rule costs given for an n-gram shorter than 2 tokens: rules have at least 2")
+        return out
+    return RuleCosts.load(source).table()
+
+
 @dataclass
 class UMIMBudget(PromptMerger):
     """UMIM prompt merging with a target TR per request.
@@ -96,6 +113,8 @@ class UMIMBudget(PromptMerger):
     ratio : default target TR in [0, 1); :meth:`merge` takes a per-request override.
     score : ``"count"``, ``"length"`` or ``"alignment"`` (module docstring).
     alignment : per-rule scores (dict ``{ngram tuple: float}`` or JSON file), for ``score="alignment"``.
+    costs : per-rule costs for ``score="cost"``: a ``costs.json`` written by ``umim score-rules``, the
+        rules folder holding it, a :class:`~umim.rules.cost.RuleCosts`, or a dict ``{ngram tuple: cost}``.
     split_matches : fill the remainder with sub-n-grams of unapplied matches (step 2).
     """
 
@@ -104,20 +123,24 @@ class UMIMBudget(PromptMerger):
     score: str = "count"
     alignment: dict | str | Path | None = None
     split_matches: bool = True
+    costs: dict | str | Path | None = None
     name: ClassVar[str] = "umim_budget"
     label: ClassVar[str] = "UMIM, adaptive budget"
     uses_merging: ClassVar[bool] = True
     _table: dict = field(default=None, init=False, repr=False)
     _align: dict = field(default=None, init=False, repr=False)
+    _costs: dict = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_run(cls, run: MergedLM, ratio: float = 0.0, score: str = "count",
-                 alignment: dict | str | Path | None = None, split_matches: bool = True) -> UMIMBudget:
+                 alignment: dict | str | Path | None = None, split_matches: bool = True,
+                 costs: dict | str | Path | None = None) -> UMIMBudget:
         """The run's merger and rules at target TR ``ratio``."""
         if run is None:
             raise merging_missing("method 'umim_budget'")
         run.require_merging("method 'umim_budget'")
-        return cls(merged_lm=run, ratio=ratio, score=score, alignment=alignment, split_matches=split_matches)
+        return cls(merged_lm=run, ratio=ratio, score=score, alignment=alignment, split_matches=split_matches,
+                   costs=costs)
 
     def __post_init__(self):
         check_ratio(self.ratio)
@@ -128,6 +151,11 @@ class UMIMBudget(PromptMerger):
             if self.alignment is None:
                 raise UserError("score='alignment' needs per-rule scores: pass alignment=dict or a JSON file")
             self._align = load_alignment_scores(self.alignment)
+        if self.score == "cost":
+            if self.costs is None:
+                raise UserError("score='cost' needs measured rule costs: pass costs=costs.json (umim score-rules) "
+                                "or the rules folder holding it")
+            self._costs = load_cost_scores(self.costs)
 
     # -- scoring -----------------------------------------------------------------------------------
     def _rule_counts(self) -> dict[tuple[int, ...], int]:
@@ -145,6 +173,8 @@ class UMIMBudget(PromptMerger):
             return count, n
         if self.score == "length":
             return n, count
+        if self.score == "cost":  # cheaper first; unmeasured rules last
+            return -self._costs.get(gram, math.inf), n
         return self._align.get(gram, -math.inf), n
 
     # -- selection ---------------------------------------------------------------------------------
@@ -226,7 +256,7 @@ class UMIMBudget(PromptMerger):
 
 def budget_curve(lm, tokenizer, merged_lm: MergedLM, texts: list[str], ratios: list[float], context_tokens: int,
                  target_tokens: int, score: str = "count", alignment: dict | str | Path | None = None,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, costs: dict | str | Path | None = None) -> list[dict]:
     """Continuation quality against achieved TR, for a TR-quality curve.
 
     Every text long enough gives a prompt (its first ``context_tokens`` tokens) and a target (the
@@ -257,7 +287,7 @@ def budget_curve(lm, tokenizer, merged_lm: MergedLM, texts: list[str], ratios: l
     if not pairs:
         raise UserError(f"no text has {context_tokens} + {target_tokens} tokens: give longer texts or shorter lengths")
     points = [("none", None, None), ("umim", None, UMIMMerge(merged_lm))]
-    points += [("umim_budget", r, UMIMBudget(merged_lm, r, score, alignment)) for r in ratios]
+    points += [("umim_budget", r, UMIMBudget(merged_lm, r, score, alignment, costs=costs)) for r in ratios]
     rows = []
     for method, ratio, merger in tqdm(points, desc="budget curve", disable=not progress, leave=False):
         nll, n_tok, trs, short = 0.0, 0, [], 0
