@@ -278,8 +278,8 @@ def test_custom_policy_plugs_in(lm, ids):
         def __init__(self, ratio):
             self.ratio = ratio
 
-        def keep(self, layer, pos, n_keep):
-            return torch.arange(n_keep).expand(*pos.shape[:2], n_keep)
+        def priority(self, layer, pos, n_keep):
+            return -pos  # the oldest first
 
     a = policy_nll(lm, ids, KeepOldest(0.3))
     b = policy_nll(lm, ids, KeepOldest(0.3), step_by_step=True)

@@ -167,8 +167,8 @@ class Method(ABC):
                  batch_size: int = 1, kv_prefill: str = "full", progress: bool = False) -> list[list[Generated]]:
         """``n_samples`` texts per prompt, prompt ``i`` reduced to TR ``targets[i]``; [N][n_samples].
 
-        With ``sampling.do_sample`` and a ``seed``, the RNG is reseeded per batch (prompt methods) or per
-        text (KV policies), so methods see the same random stream."""
+        With ``sampling.do_sample`` and a ``seed``, the RNG is reseeded per batch: batch ``k`` (texts ``k ..``
+        in prompt-major order) starts from ``seed + k``, so methods see the same random stream."""
 
 
 class PromptMethod(Method):
@@ -283,12 +283,15 @@ class PromptMerger(PromptMethod):
 class KVPolicy(Method):
     """Evicts KV-cache entries; ``ratio`` is the fraction of seen tokens NOT held in the cache.
 
-    The driver (:func:`umim_eval.scoring.policy_nll.policy_nll`) feeds one token per step, then
-    asks the policy which slots to keep whenever the cache is over budget. Slots carry their
-    original positions (``pos``), so policies reason in positions, not in slot numbers. Runners use
-    the ``prompt`` budget schedule: only the context is reduced, by ``round(ratio * P)`` entries, and
-    every later token adds one entry, so each continuation token sees as many entries as after a
-    context reduced to TR ``ratio``.
+    The drivers (:func:`umim_eval.scoring.policy_nll.policy_nll` for scoring,
+    :func:`umim_eval.scoring.policy_generate.policy_generate_batch` for decoding) feed tokens, then
+    ask the policy which slots to keep whenever a row of the cache is over budget. Slots carry their
+    original positions (``pos``), so policies reason in positions, not in slot numbers; a slot with
+    position -1 is padding (a batch's rows hold different numbers of entries in one rectangular
+    cache). A policy gives each slot a :meth:`priority`; :meth:`keep` keeps each row's top ones.
+    Runners use the ``prompt`` budget schedule: only the context is reduced, by
+    ``round(ratio * P)`` entries, and every later token adds one entry, so each continuation token
+    sees as many entries as after a context reduced to TR ``ratio``.
     """
 
     name: ClassVar[str] = "kv-policy"
@@ -296,12 +299,14 @@ class KVPolicy(Method):
     needs_attentions: ClassVar[bool] = False
     """True: the driver passes each step's attention weights to :meth:`observe` (eager attention)."""
     content_free: ClassVar[bool] = False
-    """True: :meth:`keep` looks at positions only, so the whole eviction pattern is known in
+    """True: :meth:`priority` looks at positions only, so the whole eviction pattern is known in
     advance and a text can be scored in ONE forward with a 4-D mask."""
     ratio: float
 
-    def budget(self, n_seen: int, n_total: int | None = None, schedule: str = "proportional") -> int:
-        """Cache entries allowed after ``n_seen`` tokens.
+    def budget(self, n_seen: int, n_total: int | None = None, schedule: str = "proportional",
+               ratio: float | None = None) -> int:
+        """Cache entries allowed after ``n_seen`` tokens, at target TR ``ratio`` (default :attr:`ratio`;
+        a batch decodes each row at its own target).
 
         ``proportional``: ``n_seen - round(ratio * n_seen)`` at every step, so the cache is always
         about ``(1 - ratio)`` of the text so far, like UMIM's dynamic merging (but never below
@@ -314,16 +319,17 @@ class KVPolicy(Method):
         deficit of ``round(ratio * P)`` entries while the continuation grows it one entry per
         token — the cache a prompt merged or compressed to TR ``ratio`` would hold, at every step.
         """
+        ratio = self.ratio if ratio is None else ratio
         if schedule == "proportional":
-            raw = n_seen - n_removed(self.ratio, n_seen)
+            raw = n_seen - n_removed(ratio, n_seen)
         elif schedule == "fixed":
             if n_total is None:
                 raise UserError("the fixed schedule needs n_total")
-            raw = n_total - n_removed(self.ratio, n_total)
+            raw = n_total - n_removed(ratio, n_total)
         elif schedule == "prompt":
             if n_total is None:
                 raise UserError("the prompt schedule needs n_total = the prompt length")
-            raw = n_seen - n_removed(self.ratio, min(n_seen, n_total))
+            raw = n_seen - n_removed(ratio, min(n_seen, n_total))
         else:
             raise UserError(f"unknown budget schedule {schedule!r}; choose from {SCHEDULES}")
         return min(n_seen, max(raw, self.min_entries))
@@ -340,30 +346,42 @@ class KVPolicy(Method):
         evicted = (P + C - 1) - int(r.cache_len[-1])
         return ContinuationScore(r.token_nll[0, P:], evicted / P, P - evicted)
 
-    def generate(self, run, prompts, targets, sampling, n_samples=1, batch_size=1, kv_prefill="full",
+    def generate(self, run, prompts, targets, sampling, n_samples=1, batch_size=8, kv_prefill="full",
                  progress=False):
-        from dataclasses import asdict
+        """Texts decoded under eviction, ``batch_size`` texts per batched decode
+        (:func:`~umim_eval.scoring.policy_generate.policy_generate_batch`, ``prompt`` schedule: the
+        prompt reduced by its target, the generation kept), each row at its own target. With
+        ``sampling.do_sample`` and a ``seed``, batch ``k`` (texts ``k .. k + batch_size - 1`` in
+        prompt-major order) is decoded from ``seed + k``; with ``batch_size=1`` that is one seed per text.
+        H2O's ``full`` prefill holds every layer's [B, H, S, S] attention weights at once: lower
+        ``batch_size`` for long prompts."""
+        from dataclasses import replace
 
         from tqdm.auto import tqdm
 
-        from umim_eval.scoring.policy_generate import eager_attention, policy_generate
+        from umim_eval.scoring.policy_generate import eager_attention, policy_generate_batch
 
+        if type(batch_size) is not int or batch_size < 1:
+            raise UserError(f"batch_size {batch_size!r}: give a positive number of texts per batch")
+        if len(targets) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(targets)} targets")
         G, context = sampling.max_new_tokens, model_context(run.lm)
+        for i, p in enumerate(prompts):
+            if not p:
+                raise UserError(f"prompt {i} is empty: give at least one token")
+            if context and len(p) + G > context:
+                raise UserError(f"prompt {i}: {len(p)} tokens + {G} new exceed the model's context {context}")
+        targets = [check_ratio(t) for t in targets]
+        items = [(i, s) for i in range(len(prompts)) for s in range(n_samples)]
         out: list[list[Generated]] = [[] for _ in prompts]
-        bar = tqdm(total=len(prompts) * n_samples, desc=self.name, disable=not progress, leave=False)
         with eager_attention(run.lm, self.needs_attentions):
-            for i, (p, t) in enumerate(zip(prompts, targets)):
-                P = len(p)
-                if context and P + G > context:
-                    raise UserError(f"prompt {i}: {P} tokens + {G} new exceed the model's context {context}")
-                self.aim(t)  # the prompt reduced by t, the generation kept (schedule "prompt")
-                for s in range(n_samples):
-                    seed = None if sampling.seed is None else sampling.seed + i * n_samples + s
-                    cfg = type(sampling)(**{**asdict(sampling), "seed": seed})
-                    r = policy_generate(run.lm, p, self, cfg, schedule="prompt", prefill=kv_prefill)
-                    out[i].append(Generated(r.generated_ids, (r.n_seen - r.cache_len) / P))
-                    bar.update()
-        bar.close()
+            for k in tqdm(range(0, len(items), batch_size), desc=self.name, disable=not progress, leave=False):
+                chunk = items[k : k + batch_size]
+                cfg = replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
+                rows = policy_generate_batch(run.lm, [prompts[i] for i, _ in chunk], self, cfg, schedule="prompt",
+                                             prefill=kv_prefill, ratios=[targets[i] for i, _ in chunk])
+                for (i, _), r in zip(chunk, rows):
+                    out[i].append(Generated(r.generated_ids, (r.n_seen - r.cache_len) / len(prompts[i])))
         return out
 
     @property
@@ -373,23 +391,55 @@ class KVPolicy(Method):
         return 1
 
     def reset(self) -> None:
-        """Forget per-text state before a new text."""
+        """Forget per-batch state before a new batch of texts."""
 
     def observe(self, layer: int, attn: torch.Tensor, pos: torch.Tensor) -> None:
         """Attention weights ``attn`` [B, H, Q, T] of ``layer`` over its T slots (the new ones included),
-        whose original positions are ``pos`` [B, H_kv, T] (H is a multiple of H_kv under GQA)."""
+        whose original positions are ``pos`` [B, H_kv, T] (H is a multiple of H_kv under GQA; -1 marks
+        padding). The driver zeroes the weights of padding queries and keys, so padding adds nothing."""
 
     @abstractmethod
-    def keep(self, layer: int, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
-        """Slots of ``layer`` to keep.
+    def priority(self, layer: int, pos: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+        """How much each slot of ``layer`` deserves to stay: higher stays first.
 
         Parameters
         ----------
         layer : decoder layer index.
-        pos : [B, H_kv, T] long, original position of each cached slot (ascending along T).
-        n_keep : entries to keep, ``< T``.
+        pos : [B, H_kv, T] long, original position of each cached slot, ascending along T over a
+            row's real slots; -1 for padding slots (they are never kept, whatever their priority).
+        n_keep : [B] long, entries row b keeps (a policy may depend on it, e.g. H2O's recent window).
 
         Returns
         -------
-        [B, H_kv, n_keep] long slot indices, ascending along the last dim (slot order = position order).
+        [B, H_kv, T] priorities (any real or integer dtype); ties between slots must not matter.
         """
+
+    def keep(self, layer: int, pos: torch.Tensor, n_keep: int | torch.Tensor) -> torch.Tensor:
+        """Slots of ``layer`` to keep: row b's ``n_keep[b]`` real slots of highest :meth:`priority`.
+
+        Parameters
+        ----------
+        layer : decoder layer index.
+        pos : [B, H_kv, T] long, original positions (-1: padding), see :meth:`priority`.
+        n_keep : int, or [B] long per row, at most the row's real slots.
+
+        Returns
+        -------
+        [B, H_kv, K] long slot indices, K = max n_keep. Row b's LAST ``n_keep[b]`` entries are its
+        kept slots in ascending (position) order; its first ``K - n_keep[b]`` entries are padding
+        (some slot of the row, to be masked out), so a gathered row stays left-padded.
+        """
+        n_keep = torch.as_tensor(n_keep, dtype=torch.long, device=pos.device).expand(pos.shape[0])
+        return keep_top(self.priority(layer, pos, n_keep), pos, n_keep)
+
+
+def keep_top(priority: torch.Tensor, pos: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+    """Each row's ``n_keep[b]`` real slots of highest ``priority`` [B, H_kv, T], in slot order after
+    ``K - n_keep[b]`` padding entries; [B, H_kv, K], K = max n_keep (see :meth:`KVPolicy.keep`)."""
+    low = -torch.inf if priority.is_floating_point() else torch.iinfo(priority.dtype).min
+    K = int(n_keep.max())
+    top = priority.masked_fill(pos < 0, low).topk(K, dim=-1).indices  # [B, H_kv, K], best first
+    kept = torch.arange(K, device=pos.device) < n_keep[:, None, None]
+    # sort key: -1 for the entries row b does not keep (they go first), the slot index otherwise
+    order = torch.where(kept, top, -1).sort(dim=-1).indices
+    return top.gather(-1, order)

@@ -4,8 +4,8 @@ Every cached entry accumulates the attention probability it receives from every 
 and per KV head (query heads of a GQA group are summed: they read the same entry). When the cache
 is over budget, half of the budget goes to the most recent entries and the other half to the
 non-recent entries with the highest accumulated score (the paper's 50/50 heavy/recent split);
-the rest is evicted, independently per layer and head, and its score is forgotten. As published,
-the cache first grows to its budget and only then evicts: under the ``prompt`` schedule the budget
+the rest is evicted, independently per layer, head and row of a batch, and its score is forgotten.
+As published, the cache first grows to its budget and only then evicts: under the ``prompt`` schedule the budget
 is the prompt's whole allowance ``P - round(ratio * P)`` from the first token on, so the early
 tokens (the attention sink among them) are all read and scored before anything is evicted, and
 the cache at the end of the prompt is the size of a prompt reduced to TR ``ratio``.
@@ -48,11 +48,13 @@ class H2O(KVPolicy):
     def reset(self) -> None:
         self.scores = {}
 
-    def budget(self, n_seen: int, n_total: int | None = None, schedule: str = "proportional") -> int:
+    def budget(self, n_seen: int, n_total: int | None = None, schedule: str = "proportional",
+               ratio: float | None = None) -> int:
+        ratio = self.ratio if ratio is None else ratio
         if schedule == "prompt" and n_total is not None:  # grow to the prompt's allowance, then evict
-            allowance = n_total - n_removed(self.ratio, n_total)
+            allowance = n_total - n_removed(ratio, n_total)
             return min(n_seen, max(allowance, self.min_entries) + max(0, n_seen - n_total))
-        return super().budget(n_seen, n_total, schedule)
+        return super().budget(n_seen, n_total, schedule, ratio)
 
     def observe(self, layer: int, attn: torch.Tensor, pos: torch.Tensor) -> None:
         B, H, Q, T = attn.shape
@@ -63,14 +65,15 @@ class H2O(KVPolicy):
         old = self.scores.get(layer, received.new_zeros(B, h_kv, 0))
         self.scores[layer] = torch.nn.functional.pad(old, (0, T - old.shape[-1])) + received  # new slots start at 0
 
-    def keep(self, layer: int, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
-        scores = self.scores[layer]
-        T = pos.shape[-1]
-        n_recent = min(n_keep, max(1, int(self.recent_fraction * n_keep + 0.5)))  # half up, not banker's
-        # slots are in position order, so the recent window is the last n_recent slots
-        recent = torch.arange(T, device=pos.device) >= T - n_recent
-        heavy = scores.masked_fill(recent, float("-inf")).topk(n_keep - n_recent, dim=-1).indices
-        tail = torch.arange(T - n_recent, T, device=pos.device).expand(*pos.shape[:2], n_recent)
-        index = torch.cat([heavy, tail], dim=-1).sort(dim=-1).values
-        self.scores[layer] = scores.gather(-1, index)
+    def priority(self, layer: int, pos: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+        real = pos >= 0
+        # half of each row's budget (half up, not banker's), at least 1: its newest real slots
+        n_recent = torch.floor(self.recent_fraction * n_keep.double() + 0.5).long().clamp(min=1).minimum(n_keep)
+        newest = real.flip(-1).cumsum(-1).flip(-1)  # 1 on a row's newest real slot, 2 on the one before, ...
+        recent = real & (newest <= n_recent[:, None, None])
+        return self.scores[layer].masked_fill(recent, float("inf"))  # the heavy hitters fill the rest
+
+    def keep(self, layer: int, pos: torch.Tensor, n_keep: int | torch.Tensor) -> torch.Tensor:
+        index = super().keep(layer, pos, n_keep)
+        self.scores[layer] = self.scores[layer].gather(-1, index)  # the kept slots' scores travel with them
         return index

@@ -49,8 +49,6 @@ class StreamingLLM(KVPolicy):
         # the sinks plus the newest token: a smaller cache would lose a sink for good at the start
         return self.n_sink + 1
 
-    def keep(self, layer: int, pos: torch.Tensor, n_keep: int) -> torch.Tensor:
-        # priority: sinks first (earliest first), then the newest; top n_keep, back in slot order
-        big = int(pos.max()) + self.n_sink + 1
-        priority = torch.where(pos < self.n_sink, big + self.n_sink - pos, pos)
-        return priority.topk(n_keep, dim=-1).indices.sort(dim=-1).values
+    def priority(self, layer: int, pos: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+        # sinks first (earliest first), then the newest: positions stay far below 2**40
+        return torch.where((pos >= 0) & (pos < self.n_sink), (1 << 40) - pos, pos)

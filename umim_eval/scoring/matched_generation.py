@@ -4,8 +4,9 @@ Every method (``base``, ``umim``, prompt compressors and mergers, KV policies) g
 same prompts, driven to per-prompt target TRs (:func:`match_targets`): prompt methods through
 :func:`umim_eval.scoring.prompt_inputs.prompt_inputs` and Hugging Face ``generate``
 (:func:`umim_eval.scoring.prompt_inputs.generate_from`), KV policies through
-:func:`umim_eval.scoring.policy_generate.policy_generate` with the ``prompt`` budget schedule (only
-the prompt is reduced; every generated token adds one cache entry) — each method's
+:func:`umim_eval.scoring.policy_generate.policy_generate_batch` with the ``prompt`` budget schedule
+(only the prompt is reduced; every generated token adds one cache entry; each row at its own
+target) — each method's
 :meth:`~umim_eval.methods.base.Method.generate`. Also: loading records from the hub, a ``.jsonl``
 file or a built-in offline set (:func:`load_records`).
 """
@@ -125,11 +126,12 @@ def generate_matched(name: str, m: MergedLM, prompts: list[list[int]], targets: 
     prompts : N prompts, token ids of ``m.tokenizer``.
     targets : [N] target TR of each prompt (ignored by ``base`` and fixed-rule ``umim``).
     sampling : decoding settings; with ``do_sample`` and a ``seed``, the RNG is reseeded per batch
-        (prompt methods) or per text (KV policies), so methods see the same random stream.
+        (``seed + k`` for the batch starting at text k), so methods see the same random stream.
     n_samples : texts per prompt (pass@k needs several).
-    batch_size : texts per ``generate`` call (prompt methods only).
+    batch_size : texts per ``generate`` call (prompt methods) or per batched decode under eviction
+        (KV policies, :meth:`~umim_eval.methods.base.KVPolicy.generate`).
     options : extra constructor options of the method.
-    kv_prefill : prefill of KV policies, see :func:`policy_generate`.
+    kv_prefill : prefill of KV policies, see :func:`~umim_eval.scoring.policy_generate.policy_generate_batch`.
 
     Returns
     -------

@@ -113,41 +113,70 @@ def _one_forward(lm, ids: torch.Tensor, policy: KVPolicy, schedule: str, prompt_
     return PolicyNLL(token_nll=nll, cache_len=lens)
 
 
-def evict(cache, pos: dict[int, torch.Tensor], policy: KVPolicy, new_pos: torch.Tensor, n_keep: int,
-          attentions=None) -> None:
-    """Register the slots just written to ``cache`` and evict every layer down to ``n_keep`` entries.
+def evict(cache, pos: dict[int, torch.Tensor], policy: KVPolicy, new_pos: torch.Tensor, n_keep: int | list[int],
+          attentions=None) -> list[int]:
+    """Register the slots just written to ``cache`` and evict each row down to its budget.
 
     Shared by scoring (:func:`policy_nll`) and decoding
-    (:func:`umim_eval.scoring.policy_generate.policy_generate`).
+    (:func:`umim_eval.scoring.policy_generate.policy_generate_batch`). Rows of a batch hold
+    different numbers of entries in one rectangular cache: a slot at position -1 is padding, masked
+    out of attention. Every layer and head of a row holds the same number of real slots, so after an
+    eviction each row is left-padded the same way everywhere and one [B, T] mask serves all layers.
 
     Parameters
     ----------
     cache : a ``DynamicCache`` whose ``layers[i].keys/values`` [B, H_kv, T, D] end with the Q new slots.
-    pos : layer -> [B, H_kv, T - Q] original positions of the older slots; updated in place to the
-        positions held after eviction.
+    pos : layer -> [B, H_kv, T - Q] original positions of the older slots (-1: padding); updated in
+        place to the positions held after eviction.
     policy : the KV policy that picks the slots to keep.
-    new_pos : [Q] long, original positions of the Q tokens just fed (ascending).
-    n_keep : entries each layer and head may hold after this call.
+    new_pos : [Q] (the same for every row) or [B, Q] long, original positions of the tokens just fed,
+        ascending over a row's real ones; -1 for padding tokens.
+    n_keep : entries each row may hold after this call: one int for all rows, or [B].
     attentions : per-layer attention weights [B, H, Q, T] of the forward that wrote the new slots
-        (required when ``policy.needs_attentions``).
+        (required when ``policy.needs_attentions``); weights from or to padding are zeroed before the
+        policy sees them, so padding never adds to a score.
+
+    Returns
+    -------
+    [B] real entries each row holds afterwards.
     """
     layers = cache.layers
     if policy.needs_attentions and (attentions is None or len(attentions) != len(layers)
                                     or any(a is None for a in attentions)):
         raise ValueError(f"{policy.name} needs attention weights: load the model with attn_implementation='eager'")
+    B, dev = layers[0].keys.shape[0], layers[0].keys.device
+    new_pos = new_pos.to(dev).expand(B, -1) if new_pos.ndim == 1 else new_pos.to(dev)
+    real = torch.cat([pos[0][:, 0] >= 0, new_pos >= 0], dim=1) if 0 in pos else new_pos >= 0  # [B, T]
+    n_real = real.sum(-1).tolist()  # one host sync per step: which rows are over budget
+    budget = [n_keep] * B if isinstance(n_keep, int) else list(n_keep)
+    held = [min(n, k) for n, k in zip(n_real, budget)]
+    over = any(n > k for n, k in zip(n_real, held))
+    mask = None if all(n == real.shape[1] for n in n_real) else (new_pos >= 0)[:, None, :, None] & real[:, None, None]
     for i, layer in enumerate(layers):
         if getattr(layer, "is_sliding", False):
             raise TypeError("KV policies are evaluated on full-attention caches only")
-        B, h_kv, _, D = layer.keys.shape
-        new = new_pos.to(layer.keys.device).view(1, 1, -1).expand(B, h_kv, -1)
+        new = new_pos[:, None].expand(B, layer.keys.shape[1], -1)
         pos[i] = torch.cat([pos[i], new], dim=-1) if i in pos else new.clone()
         if policy.needs_attentions:
-            policy.observe(i, attentions[i], pos[i])
-        if pos[i].shape[-1] > n_keep:
-            idx = policy.keep(i, pos[i], n_keep)  # [B, H_kv, n_keep]
-            gather = idx[..., None].expand(-1, -1, -1, D)
-            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
-            pos[i] = pos[i].gather(-1, idx)
+            policy.observe(i, attentions[i] if mask is None else attentions[i] * mask, pos[i])
+    if over:
+        compact(cache, pos, policy, held)
+    return held
+
+
+def compact(cache, pos: dict[int, torch.Tensor], policy: KVPolicy, n_keep: list[int]) -> None:
+    """Keep row b's ``n_keep[b]`` slots chosen by ``policy.keep`` (all its real ones when it holds no
+    more), gathered to the right: the cache shrinks to ``max n_keep`` slots and each row is
+    left-padded, its padding at position -1 (``cache`` and ``pos`` as in :func:`evict`)."""
+    dev = cache.layers[0].keys.device
+    held = torch.tensor(n_keep, device=dev)
+    for i, layer in enumerate(cache.layers):
+        idx = policy.keep(i, pos[i], held)  # [B, H_kv, K]
+        gather = idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+        K = idx.shape[-1]
+        padding = torch.arange(K, device=dev) < (K - held)[:, None, None]
+        pos[i] = pos[i].gather(-1, idx).masked_fill(padding, -1)
 
 
 @torch.no_grad()

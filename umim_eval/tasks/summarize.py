@@ -91,8 +91,8 @@ class SummarizeConfig(TaskConfig):
     """Target TR for ``match="fixed"``."""
     kv_prefill: str = "full"
     """KV policies: "full" (one forward over the prompt, then evict) or "step" (evict after every prompt token)."""
-    batch_size: int = 1
-    """Prompts per ``generate`` call for prompt methods (left-padded; KV policies decode one at a time)."""
+    batch_size: int = 8
+    """Prompts per ``generate`` call (left-padded; KV policies evict per row within the batch)."""
     bertscore_model: str | None = "roberta-large"
     """BERTScore encoder: hub id, local folder, or "embedded"; None skips BERTScore."""
     bertscore_layers: int | None = 17
