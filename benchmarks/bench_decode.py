@@ -1,4 +1,4 @@
-"""Decode throughput and KV-cache bytes: UMIM dynamic merging vs HF ``generate``, side by side.
+"""Decode throughput, KV-cache bytes and time to first token: UMIM merging vs HF, side by side.
 
 For each (prompt length W_tok, new tokens N, batch B) it runs on the same model and prompts:
 
@@ -6,11 +6,19 @@ For each (prompt length W_tok, new tokens N, batch B) it runs on the same model 
 * UMIM ``none`` (our loop without merging: the loop's own overhead),
 * UMIM ``dynamic`` (prompt merging + online merging with KV rollback),
 
-and prints tokens/s, the ratio to HF, the final KV-cache bytes, the TR reached, and the ideal
-memory-bound speedup ``(Wb + K) / (Wb + (1 - TR) K)``, where Wb = bytes of weights read per step and
+and prints tokens/s, the ratio to HF, the final KV-cache bytes (allocated storage: for ``dynamic``
+the ragged pool after the decode; ``peak`` is its largest allocation during the decode) over HF's,
+next to ``1 - TR``, the TR reached, and the ideal memory-bound speedup
+``(Wb + K) / (Wb + (1 - TR) K)``, where Wb = bytes of weights read per step and
 K = mean bytes of the unmerged KV cache read per step (B rows, prompt + N/2 tokens on average).
 Decoding a 135M model on CPU is compute-bound rather than memory-bound, so the ideal is an upper
 bound there; on a GPU with a large batch, K dominates and the ratio approaches the ideal.
+
+Time to first token (TTFT), per case: the merged prompt (matcher + merger + prefill forward, all
+included: :meth:`MergedLM.prefill`) vs the unmerged prefill (one forward of the token ids, as HF
+``generate`` starts). Verified first: the merged prefill's greedy token is the dynamic decode's first
+token, the unmerged one HF ``generate``'s. Ratio = t_unmerged / t_merged per round (alternating
+order), against the goal ``0.9 / (1 - TR_prompt)``.
 
 Prompts are held-out Python-docs paragraphs (the embedded default's domain), concatenated and cut
 to W_tok tokens; the merger and rules come from the default run (``runs/default``).
@@ -19,10 +27,11 @@ Usage::
 
     python benchmarks/bench_decode.py [--model embedded] [--run-dir runs/default]
         [--cases 128+64x1,128+64x8] [--repeat 4] [--json OUT]
+    python benchmarks/bench_decode.py --cases 128+64x32 --repeat 2   # batch 32
 
 The defaults finish in a few minutes on 2 CPU cores. Outputs are verified before any timing: ``none``
 must decode HF ``generate``'s tokens (dynamic merging equals recomputing its merged sequence; the
-test suite checks that). Each round runs the three methods in a rotated order, and the ratios
+test suite checks that). Each round runs the methods in a rotated order, and the ratios
 (speed of one method over another) are reported per round as min / median / max.
 """
 
@@ -39,6 +48,7 @@ from umim.inference import kv_cache
 from umim.inference.generation import MergedLM, SamplingConfig
 from umim.lm import LMSpec, output_cache
 from umim.rules.corpus import load_documents
+from umim.safe_io import write_text_atomic
 
 
 def _prompts(tok, n_tokens: int, batch: int) -> list[list[int]]:
@@ -83,7 +93,7 @@ def run_case(m: MergedLM, w: int, n: int, batch: int, repeat: int = 4) -> dict:
             times[name].append(t)
             kv[name] = kv_cache.cache_bytes(output_cache(out) if name == "hf" else m.last_cache)
             if name == "dynamic":
-                dyn = out
+                dyn, peak = out, (m.last_cache.peak + 1) * m.last_cache.slot_bytes()
 
     def spread(a: str, b: str) -> list[float]:  # speed of a over b per round: t_b / t_a
         x = sorted(tb / ta for ta, tb in zip(times[a], times[b]))
@@ -91,7 +101,7 @@ def run_case(m: MergedLM, w: int, n: int, batch: int, repeat: int = 4) -> dict:
 
     tr = 1 - sum(r.kv_len_final for r in dyn) / sum(r.kv_len_unmerged for r in dyn)
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
-    per_token = kv["none"] / sum(r.kv_len_final for r in none)  # KV bytes per cached token (all layers)
+    per_token = kv["none"] / sum(r.kv_len_final + 1 for r in none)  # KV bytes per cached token (+1: scratch slot)
     k_mean = per_token * batch * (w + n / 2)
     ideal = (weight_bytes + k_mean) / (weight_bytes + (1 - tr) * k_mean)
     tokens = batch * n
@@ -101,8 +111,42 @@ def run_case(m: MergedLM, w: int, n: int, batch: int, repeat: int = 4) -> dict:
         "none_vs_hf": spread("none", "hf"), "dynamic_vs_hf": spread("dynamic", "hf"),
         "dynamic_vs_none": spread("dynamic", "none"),
         "hf_kv_bytes": kv["hf"], "dynamic_kv_bytes": kv["dynamic"], "kv_ratio": kv["dynamic"] / kv["hf"],
+        "dynamic_peak_kv_bytes": peak, "peak_kv_ratio": peak / kv["hf"],
         "tr": tr, "ideal_speedup": ideal, "weight_bytes": weight_bytes, "mean_unmerged_kv_bytes": k_mean,
+        **ttft(m, prompts, hf_out.sequences[:, w].tolist(), [r.generated_ids[0] for r in dyn], repeat),
     }
+
+
+def cold(m: MergedLM) -> MergedLM:
+    """``m`` without its cache of surrogates, so a timed prefill includes the merger's work."""
+    m._surrogates.clear()
+    return m
+
+
+def ttft(m: MergedLM, prompts: list[list[int]], hf_first: list[int], dyn_first: list[int], repeat: int) -> dict:
+    """Time to first token, merged (matcher + merger + prefill) vs unmerged prefill, verified first;
+    ``repeat`` rounds in alternating order."""
+    lm = m.lm
+    ids = torch.tensor(prompts, device=lm.device)
+    runs = {
+        "unmerged": lambda: lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                               logits_to_keep=1).logits[:, -1].argmax(-1),
+        "merged": lambda: cold(m).prefill(prompts, "dynamic")[0].argmax(-1),
+    }
+    with torch.no_grad():
+        if runs["unmerged"]().tolist() != hf_first or runs["merged"]().tolist() != dyn_first:
+            raise SystemExit("time to first token: a prefill's first token differs from its decode's; no timing")
+        times = {k: [] for k in runs}
+        for r in range(repeat):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                times[name].append(_timed(runs[name])[1])
+    ratios = sorted(tu / tm for tu, tm in zip(times["unmerged"], times["merged"]))
+    merged_len = sum(len(m.rules.segment(p)) for p in prompts)
+    tr_prompt = 1 - merged_len / sum(map(len, prompts))
+    return {"ttft_unmerged_s": statistics.median(times["unmerged"]),
+            "ttft_merged_s": statistics.median(times["merged"]),
+            "ttft_ratio": [ratios[0], statistics.median(ratios), ratios[-1]], "tr_prompt": tr_prompt,
+            "ttft_goal": 0.9 / (1 - tr_prompt)}
 
 
 def main() -> None:
@@ -120,20 +164,26 @@ def main() -> None:
         m = MergedLM(m.lm.cuda(), m.tokenizer, m.merger, m.rules)
     m.generate("warm up", "dynamic", SamplingConfig(max_new_tokens=4))
     rows = []
+    fmt = "{:.3f}/{:.3f}/{:.3f}".format
     print(f"{'case':<14}{'HF tok/s':>9}{'none':>7}{'dyn':>7}  {'none/HF min-med-max':<21}"
-          f"{'dyn/HF min-med-max':<21}{'dyn/none min-med-max':<22}{'TR %':>6}{'ideal':>7}{'KV ratio':>9}")
+          f"{'dyn/HF min-med-max':<21}{'dyn/none min-med-max':<22}{'TR %':>6}{'ideal':>7}{'KV ratio':>9}"
+          f"{'1-TR':>7}{'peak':>7}  {'TTFT unm/merged min-med-max':<29}{'goal':>6}{'TR_p %':>7}", flush=True)
     for case in a.cases.split(","):
-        wn, b = case.split("x")
-        w, n = map(int, wn.split("+"))
-        r = run_case(m, w, n, int(b), a.repeat)
+        try:
+            wn, b = case.split("x")
+            (w, n), b = map(int, wn.split("+")), int(b)
+        except ValueError:
+            raise SystemExit(f"case {case!r}: give PROMPT+NEWxBATCH, e.g. 128+64x8") from None
+        r = run_case(m, w, n, b, a.repeat)
         rows.append(r)
-        fmt = "{:.3f}/{:.3f}/{:.3f}".format
         print(f"{case:<14}{r['hf_tok_s']:>9.1f}{r['none_tok_s']:>7.1f}{r['dynamic_tok_s']:>7.1f}  "
               f"{fmt(*r['none_vs_hf']):<21}{fmt(*r['dynamic_vs_hf']):<21}{fmt(*r['dynamic_vs_none']):<22}"
-              f"{100 * r['tr']:>6.1f}{r['ideal_speedup']:>7.3f}{r['kv_ratio']:>9.3f}")
+              f"{100 * r['tr']:>6.1f}{r['ideal_speedup']:>7.3f}{r['kv_ratio']:>9.3f}{1 - r['tr']:>7.3f}"
+              f"{r['peak_kv_ratio']:>7.3f}  {fmt(*r['ttft_ratio']):<29}{r['ttft_goal']:>6.3f}"
+              f"{100 * r['tr_prompt']:>7.1f}", flush=True)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": str(m.lm.device), "threads": torch.get_num_threads(), "cases": rows}, f, indent=2)
+        write_text_atomic(a.json, json.dumps({"device": str(m.lm.device), "threads": torch.get_num_threads(),
+                                              "cases": rows}, indent=2))
 
 
 if __name__ == "__main__":

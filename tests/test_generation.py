@@ -139,20 +139,20 @@ def test_dynamic_merges_generated_tokens_and_shrinks_cache(setup):
 def test_batched_dynamic_equals_batch_of_one(setup):
     lm, tok, merger, rules = setup
     m = MergedLM(lm, tok, merger, rules)
-    batch = m.generate(PROMPTS, "dynamic", GREEDY, compact_every=3)
+    batch = m.generate(PROMPTS, "dynamic", GREEDY)
     t_final = kv_cache.cache_length(m.last_cache)
     for p, rb in zip(PROMPTS, batch):
         r1 = m.generate(p, "dynamic", GREEDY)[0]
         assert rb.generated_ids == r1.generated_ids
         assert rb.segments == r1.segments and rb.kv_len_final == r1.kv_len_final
-    # after the final compaction the cache is as long as the longest row, not the unmerged length
+    # the cache (ragged) is as wide as the longest row, not the unmerged length
     assert t_final == max(r.kv_len_final for r in batch)
 
 
 def test_batched_rollback_equals_recompute(setup):
     lm, tok, merger, rules = setup
     m = MergedLM(lm, tok, merger, rules)
-    for r in m.generate(PROMPTS, "dynamic", GREEDY, compact_every=2, trace=True):
+    for r in m.generate(PROMPTS, "dynamic", GREEDY, trace=True):
         _check_rollback(lm, r)
 
 
@@ -241,46 +241,88 @@ def test_long_stop_strings_are_found_and_cli_stops_read_escapes(setup):
 # -- the decoder's pieces: cache object, stop checker, trace recorder, streaming, keyword settings --------
 
 
-def test_merging_cache_rollback_and_compaction_equal_recompute(setup):
-    """Two left-padded rows: rolling back entries (cut at batch 1, masked at batch 2) and compacting
-    give the logits of one plain forward over each row's remaining sequence."""
-    from umim.inference.kv_cache import MergingCache
+def _slot_bytes(lm) -> int:
+    """Bytes of one cached step over all layers, keys and values, from the model's config."""
+    c = lm.config
+    h_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * h_kv * head_dim * lm.dtype.itemsize
+
+
+@pytest.mark.parametrize("row_prefill", [False, True], ids=["padded_prefill", "row_prefill"])
+def test_ragged_cache_rollback_finished_rows_and_trim_equal_recompute(setup, row_prefill):
+    """Rows of 9, 5 and 7 entries: rolling back entries of any row, a row that finishes, and the
+    final trim give the logits of one plain forward over each row's remaining sequence; freed slots
+    are reused, and the bytes are the allocated slots (exactly the entries + 1 scratch after trim)."""
+    from umim.inference.kv_cache import MergingCache, cache_bytes
 
     lm = setup[0]
     torch.manual_seed(0)
     d = lm.get_input_embeddings().embedding_dim
-    seqs = [torch.randn(9, d), torch.randn(5, d)]  # each row's sequence so far, [S_b, d]
-    steps = torch.randn(4, 2, 1, d)
+    init = [torch.randn(9, d), torch.randn(5, d), torch.randn(7, d)]  # each row's sequence so far, [S_b, d]
+    steps = torch.randn(5, 3, 1, d)
+    plan = [[0, 0, 0], [2, 0, 1], [0, 3, 0], [1, 1, 0], [0, 2, 0]]  # entries rolled back before each step
+    live_at = [[True] * 3] * 3 + [[True, True, False]] * 2  # row 2 finishes after step 2
 
-    def recompute(b):
+    def recompute(seq):
         with torch.no_grad():
-            return lm(inputs_embeds=seqs[b][None]).logits[0, -1].float()
+            return lm(inputs_embeds=seq[None]).logits[0, -1].float()
 
     with torch.no_grad():
-        for rows in ([0], [0, 1]):
-            cache = MergingCache(lm, compact_every=100)
-            logits = cache.prefill([seqs[b] for b in rows])
-            assert cache.mask.shape == (len(rows), 9) and cache.next_pos == [len(seqs[b]) for b in rows]
-            assert cache.mask[:, -len(seqs[rows[-1]]) :].all()
-            assert int(cache.mask.sum()) == sum(len(seqs[b]) for b in rows)
-            for j, b in enumerate(rows):
-                assert torch.allclose(logits[j], recompute(b), atol=1e-5)
-            base = [s.clone() for s in seqs]
-            for i, k in enumerate([[0, 0], [2, 0], [0, 3], [1, 1]]):
-                k = k[: len(rows)]
+        for B in (1, 3):
+            seqs = [s.clone() for s in init[:B]]
+            cache = MergingCache(lm, row_prefill=row_prefill)
+            logits = cache.prefill(seqs)
+            assert cache.next_pos == cache.lengths() == [len(s) for s in seqs]
+            for b in range(B):
+                assert torch.allclose(logits[b], recompute(seqs[b]), atol=1e-5)
+            for i, (k, live) in enumerate(zip(plan, live_at)):
+                k, live = [n if v else 0 for n, v in zip(k, live)][:B], live[:B]
                 cache.rollback(k)
-                for j, b in enumerate(rows):
-                    seqs[b] = torch.cat([seqs[b][: len(seqs[b]) - k[j]], steps[i, b]])
-                if i == 2:
-                    cache.compact()  # valid slots gathered to the right: T = the longest row
-                    assert cache.mask.shape[1] == kv_cache.cache_length(cache.cache) == max(cache.lengths())
-                logits = cache.step(steps[i, rows], [True] * len(rows))
-                for j, b in enumerate(rows):
-                    assert torch.allclose(logits[j], recompute(b), atol=1e-4)
-            assert cache.lengths() == [len(seqs[b]) for b in rows] == cache.next_pos
-            if len(rows) == 1:  # one row is cut, never masked
-                assert kv_cache.cache_length(cache.cache) == len(seqs[0]) and bool(cache.mask.all())
-            seqs = base
+                for b in range(B):
+                    if live[b]:
+                        seqs[b] = torch.cat([seqs[b][: len(seqs[b]) - k[b]], steps[i, b]])
+                logits = cache.step(steps[i, :B], live)
+                for b in range(B):
+                    if live[b]:
+                        assert torch.allclose(logits[b], recompute(seqs[b]), atol=1e-4)
+                assert cache.lengths() == [len(s) for s in seqs]
+                assert kv_cache.cache_length(cache.kv) == max(map(len, seqs))  # the table is as wide as the longest row
+                assert cache_bytes(cache.kv) == (cache.kv.capacity + 1) * _slot_bytes(lm)  # allocated, spare included
+            # freed slots were reused: the pool never held much more than the peak of live entries
+            peak = max(sum(len(s) for s in init[:B]) + 5 * B, 1)
+            assert cache.kv.capacity <= peak * (1 + cache.kv.grow) + B
+            cache.finish()
+            assert cache_bytes(cache.kv) == (sum(map(len, seqs)) + 1) * _slot_bytes(lm) == cache.kv.nbytes()
+            for b in range(B):  # the trimmed cache (slots renumbered) still decodes each row correctly
+                seqs[b] = torch.cat([seqs[b], steps[0, b]])
+            logits = cache.step(steps[0, :B], [True] * B)
+            for b in range(B):
+                assert torch.allclose(logits[b], recompute(seqs[b]), atol=1e-4)
+
+
+def test_ragged_batches_with_early_stops_equal_batch_of_one_and_recompute(setup):
+    """Batches of 1, 3 and 8 rows of different lengths, some stopping early at EOS: every row equals its
+    batch-of-one run (tokens, segments, cache length), its logits equal recomputing its final merged
+    sequence, and the cache's bytes are the sum of the row lengths (+ the scratch slot) times a step's bytes."""
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    lines = [ln for ln in _pydoc_lines(30) if 8 <= len(tok(ln, add_special_tokens=False)["input_ids"]) <= 60]
+    prompts = sorted(lines[:40], key=len)[::5][:8]  # 8 prompts of different lengths
+    free = m.generate(prompts[1], "dynamic", GREEDY)[0].generated_ids
+    cfg = SamplingConfig(max_new_tokens=24, eos_token_id=free[4])  # row 1 stops by its 5th token
+    solo = [m.generate(p, "dynamic", cfg)[0] for p in prompts]
+    assert solo[1].stop_reason == "eos" and {r.stop_reason for r in solo} == {"eos", "max_new_tokens"}
+    assert len({len(r.prompt_ids) for r in solo}) > 4
+    for B in (1, 3, 8):
+        batch = m.generate(prompts[:B], "dynamic", cfg, trace=True)
+        for rb, r1 in zip(batch, solo):
+            assert rb.generated_ids == r1.generated_ids and rb.stop_reason == r1.stop_reason
+            assert rb.segments == r1.segments and rb.kv_len_final == r1.kv_len_final == len(rb.segments)
+            _check_rollback(lm, rb)
+        assert m.last_cache.lengths() == [r.kv_len_final for r in batch]
+        assert kv_cache.cache_length(m.last_cache) == max(r.kv_len_final for r in batch)
+        assert kv_cache.cache_bytes(m.last_cache) == (sum(r.kv_len_final for r in batch) + 1) * _slot_bytes(lm)
 
 
 def test_stop_check_reasons_in_order(tok):
@@ -387,7 +429,7 @@ def test_batch_with_a_row_stopped_at_the_context(setup):
     lm, tok, merger, rules = setup
     m = MergedLM(lm, tok, merger, rules)
     long = list(range(5, 5 + 100))
-    batch = m.generate([long, PROMPTS[2]], "dynamic", max_new_tokens=60, compact_every=5)
+    batch = m.generate([long, PROMPTS[2]], "dynamic", max_new_tokens=60)
     assert batch[0].stop_reason == "context" and len(batch[0].generated_ids) < len(batch[1].generated_ids)
     for p, rb in zip([long, PROMPTS[2]], batch):
         r1 = m.generate(p, "dynamic", max_new_tokens=60)[0]
@@ -420,3 +462,17 @@ def test_dynamic_merge_of_a_two_token_prompt_with_the_first_new_token(tok):
     assert row.tail == [5, 6]
     row.generated.append(7)
     assert row.push(7, 3) == (5, 6, 7) and row.segments == [(0, 3)]
+
+
+@pytest.mark.parametrize("mode", ["none", "dynamic"])
+def test_prefill_gives_the_first_token_of_generate(setup, mode):
+    """``MergedLM.prefill`` (matcher + merger + prefill forward: time to first token) picks each row's
+    first generated token, and its cache holds each merged prompt."""
+    lm, tok, merger, rules = setup
+    m = MergedLM(lm, tok, merger, rules)
+    logits, cache = m.prefill(PROMPTS, mode)
+    want = m.generate(PROMPTS, mode, GREEDY)
+    assert logits.argmax(-1).tolist() == [r.generated_ids[0] for r in want]
+    assert cache.lengths() == cache.next_pos == [r.prompt_len_merged for r in want]
+    if mode == "none":
+        assert cache.lengths() == [r.prompt_len for r in want]

@@ -13,12 +13,12 @@ Modes (paper Sec. 3.4, App. D):
   still costs exactly one forward step, and the cache shrinks by n-1. Positions stay contiguous in
   the compressed sequence, as in a merged prefill. The emitted text is exactly the sampled tokens.
 
-Batches: with one row the n-1 entries are cut off the cache at once. With several rows, which merge
-at different steps, a merging row's n-1 last slots are masked out instead (its positions continue
-from its own valid count), and the cache is compacted — valid slots gathered to the right — every
-``compact_every`` steps and at the end. Trade-off: between compactions masked slots still occupy
-memory and are read by attention; compaction costs one gather of the cache. Rows never see another
-row's merges: masks and positions are per row.
+Batches: rows merge at different steps, so their lengths drift apart. The cache stores them ragged
+(:class:`~umim.inference.kv_cache.RaggedKV`: one slot pool per layer and each row's slot ids), so a
+merging row's n-1 entries are freed at once at any batch size, the stored bytes are the sum of the
+row lengths, and each step's attention reads a rectangle as wide as the longest row, gathered per
+layer and dropped right after. Rows never see another row's merges: masks and positions are per row.
+Batch 1 is a ragged batch of one: one code path.
 
 After the last sampled token the loop feeds it too (one extra step), so the final cache holds the
 whole text — ``kv_len_final`` equals the number of segments — ready to continue.
@@ -347,6 +347,26 @@ class MergedLM:
             raise GenerationError(f"prompt needs {S} positions after merging; the model's context is {self.context}")
         return rows, cfg
 
+    def _prefill(self, rows: list[_Row], cache: MergingCache) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each row's merged prompt embeddings [S_b, d] (surrogates from the merger) and the [B, V]
+        logits of prefilling them."""
+        embeds = [self.segment_embeds(r.prompt, r.segments) for r in rows]
+        return embeds, cache.prefill(embeds)
+
+    @torch.no_grad()
+    def prefill(self, prompts, mode: str = "dynamic") -> tuple[torch.Tensor, MergingCache]:
+        """Everything before the first token: segment ``prompts`` (the matcher; none in mode
+        ``"none"``), embed the segments (the merger), prefill the cache.
+
+        Returns
+        -------
+        [B, V] float logits of each row's first new token, and the filled cache (``next_pos`` [B]:
+        each merged prompt's length).
+        """
+        rows, _ = self._start(prompts, mode, None, {})
+        cache = MergingCache(self.lm)
+        return self._prefill(rows, cache)[1], cache
+
     def _steps(self, rows: list[_Row], cache: MergingCache, mode: str, cfg: SamplingConfig,
                recorder: NoTrace) -> Iterator[list[int]]:
         """The decode loop of the module docstring, shared by :meth:`generate` and :meth:`stream`.
@@ -356,8 +376,7 @@ class MergedLM:
         reason, and ``cache`` holds the whole texts."""
         pick = TokenPicker(cfg)
         stop = StopCheck(cfg, self.context, self.tokenizer, self.tokenizer.eos_token_id)
-        embeds = [self.segment_embeds(r.prompt, r.segments) for r in rows]
-        logits = cache.prefill(embeds)  # left-padded prefill of the merged prompts
+        embeds, logits = self._prefill(rows, cache)
         recorder.start(embeds)
         recorder.record(logits, [p - 1 for p in cache.next_pos], [True] * len(rows))
         done = [False] * len(rows)
@@ -384,8 +403,8 @@ class MergedLM:
             at = list(cache.next_pos)
             logits = cache.step(step_embeds, live)
             recorder.record(logits, at, live)
-            cache.maybe_compact(last=all(done))
             prev_ids = y[:, None]
+        cache.finish()
 
     def _result(self, r: _Row, kv_len: int, cfg: SamplingConfig, trace: dict | None) -> GenerationResult:
         text = self.tokenizer.decode(r.generated, skip_special_tokens=False)
@@ -398,7 +417,7 @@ class MergedLM:
 
     @torch.no_grad()
     def generate(self, prompts, mode: str = "dynamic", sampling: SamplingConfig | None = None,
-                 compact_every: int = 16, trace: bool = False, **settings) -> list[GenerationResult]:
+                 trace: bool = False, **settings) -> list[GenerationResult]:
         """Generate for one prompt or a batch.
 
         Parameters
@@ -407,18 +426,18 @@ class MergedLM:
         mode : ``"none"``, ``"prompt"`` or ``"dynamic"`` (see the module docstring).
         sampling : decoding settings; or give them as keywords instead (``max_new_tokens=8,
             do_sample=True``, any :class:`SamplingConfig` field).
-        compact_every : with several rows, compact the cache after this many steps.
         trace : record each row's :attr:`GenerationResult.trace`.
 
         Returns
         -------
-        B :class:`GenerationResult`, in prompt order. ``self.last_cache`` is the final KV cache.
+        B :class:`GenerationResult`, in prompt order. ``self.last_cache`` is the final KV cache (a
+        :class:`~umim.inference.kv_cache.RaggedKV`).
         """
         rows, cfg = self._start(prompts, mode, sampling, settings)
-        cache, recorder = MergingCache(self.lm, compact_every), TraceRecorder() if trace else NoTrace()
+        cache, recorder = MergingCache(self.lm), TraceRecorder() if trace else NoTrace()
         for _ in self._steps(rows, cache, mode, cfg, recorder):
             pass
-        self.last_cache = cache.cache
+        self.last_cache = cache.kv
         return [self._result(r, n, cfg, recorder.result(b)) for b, (r, n) in enumerate(zip(rows, cache.lengths()))]
 
     def stream(self, prompt, mode: str = "dynamic", sampling: SamplingConfig | None = None,
@@ -440,4 +459,4 @@ class MergedLM:
         for y in self._steps([row], cache, mode, cfg, NoTrace()):
             text = pieces.push(y[0]) + (pieces.flush() if row.stop_reason else "")
             yield StreamToken(y[0], text, row.stop_reason)
-        self.last_cache = cache.cache
+        self.last_cache = cache.kv

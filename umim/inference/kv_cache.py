@@ -1,14 +1,34 @@
-"""The KV cache of a merging decode: :class:`MergingCache` owns a transformers 5.x ``DynamicCache``
-together with the attention mask and each row's next position, and the surgery it needs (rollback,
-compaction) is done by the functions below.
+"""The KV cache of a merging decode: ragged per-row storage (:class:`RaggedKV`) behind
+:class:`MergingCache`, which also owns each row's next position and builds the attention masks.
 
-Entries are edited on the cache layers directly (``layer.keys/values`` are ``[B, H_kv, T, D]``)
-rather than through ``DynamicCache.crop``, whose argument changed meaning within 5.x (absolute
-length in early releases, a negative count later; an oversized crop silently keeps stale entries).
-Only plain (full-attention) dynamic layers are supported; sliding-window caches are refused.
+Why ragged storage (issue 13): rows merge at different steps, so their lengths drift apart. A
+rectangular cache (transformers' ``DynamicCache``, ``[B, H_kv, T, D]``) stays as long as the longest
+row, and its rolled-back slots must be masked until a compaction. Here each layer keeps one pool of
+slots ``[C + 1, H_kv, D]`` and each row a list of its slot ids, so the stored bytes are the sum of the
+row lengths (plus one scratch slot), and a rollback returns its slots to a free list that the next
+steps reuse. For attention, each layer's update gathers the rows' slots into a rectangle
+``[B, H_kv, W, D]`` (W = the longest row) that the model's own attention (SDPA or eager) reads with
+our 4-D mask and drops right after; only the ragged pool persists between steps. That gather copies
+as much as ``DynamicCache``'s ``torch.cat`` does each step, so batch 1 costs no more than before.
+
+Alternatives checked (transformers 5.24):
+
+* a packed cache (all rows one sequence, block-diagonal mask) stores the same bytes, but every row's
+  query meets every row's keys: attention FLOPs grow B-fold (counted for SmolLM2-135M at batch 32
+  and ~160 entries a row: 11 GFLOP a step, more than the rest of the model's 9);
+* transformers' paged cache (``transformers.generation.continuous_batching``, ``paged|`` attention;
+  ``"sdpa_paged"`` is refused by name) runs on CPU through ``generate_batch``, but its requests are
+  token ids scheduled by its own manager: it takes no ``inputs_embeds`` (our surrogate embeddings)
+  and has no way to remove a request's last n-1 entries mid-decode (our rollback); its blocks also
+  leave up to a block of slack per row.
+
+Pools grow by ``grow`` of their capacity at a time (far fewer copies than one per step); ``trim``
+returns the spare slots at the end of a decode, so the final storage is exact.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import DynamicCache
@@ -16,146 +36,287 @@ from transformers import DynamicCache
 from umim.lm import cache_kwargs
 
 
-def _layers(cache) -> list:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(cache).__name__} has no per-layer storage; UMIM needs a transformers 5.x DynamicCache")
-    for layer in layers:
+def check_full_attention(config) -> None:
+    """Refuse models with sliding-window layers (the ragged cache keeps every entry, as full
+    attention needs); the layer kinds are read the way transformers builds its own cache."""
+    for layer in DynamicCache(config=config).layers:
         if getattr(layer, "is_sliding", False) or hasattr(layer, "sliding_window"):
             raise TypeError("online merging does not support sliding-window KV caches")
-    return layers
 
 
 def cache_length(cache) -> int:
-    """T, the number of cached steps (slots) per row."""
+    """The cache's width: cached steps per row of a ``DynamicCache``, the longest row of a :class:`RaggedKV`."""
     return int(cache.get_seq_length())
 
 
-def drop_last(cache, n: int) -> None:
-    """Remove the last ``n`` cached steps of every row (``0 < n <= T``)."""
-    T = cache_length(cache)
-    if not 0 < n <= T:
-        raise ValueError(f"cannot drop {n} cache entries from a cache of {T}")
-    for layer in _layers(cache):
-        layer.keys = layer.keys[..., : T - n, :]
-        layer.values = layer.values[..., : T - n, :]
+def cache_bytes(cache) -> int:
+    """Bytes of storage the cache's keys and values hold between steps (allocated, not just live)."""
+    if isinstance(cache, RaggedKV):
+        return cache.nbytes()
+    # a DynamicCache's tensors come from torch.cat after the first step: their own storage
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def compact(cache, mask: torch.Tensor) -> torch.Tensor:
-    """Drop masked-out slots, re-packing each row's valid entries to the right (left padding).
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float mask (0 where ``allowed``, the dtype's minimum elsewhere), taken as-is by SDPA and eager attention."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+class RaggedKV:
+    """Keys and values of B rows of different lengths, stored ragged.
+
+    Per layer one pool of slots ``[C + 1, H_kv, D]``: slot 0 is scratch (the target of padding and of
+    finished rows' dummy steps, never read unmasked), slots 1..C hold entries or are free. ``table``
+    [B, W] holds each row's slot ids right-packed: row b's L_b entries fill its last L_b columns in
+    sequence order, W = max L_b, padding points at slot 0.
+
+    A forward is planned first (:meth:`plan_prefill`, :meth:`plan_step`: which slots the new entries
+    take); the model then calls :meth:`update` once per layer, as on a transformers cache.
+
+    The bookkeeping (table, free list) lives on the host, small and read by Python; each forward
+    copies its slot ids to ``device`` once, not once per layer.
 
     Parameters
     ----------
-    cache : DynamicCache with T slots.
-    mask : [B, T] long/bool, 1 for valid slots.
-
-    Returns
-    -------
-    [B, T'] new attention mask, T' = max valid slots of any row (the cache now has T' slots).
+    device : where the model runs (and the pools live).
+    grow : when the free slots run out, the pool grows by this fraction of its capacity (at least
+        what the step needs): fewer pool copies, at most that much spare storage until :meth:`trim`.
     """
-    mask = mask.bool()
-    B, T = mask.shape
-    counts = mask.sum(1)
-    t_new = int(counts.max())
-    # slot order per row: padding (invalid) first, then valid slots in their original order
-    order = torch.argsort(mask.long() * (T + 1) + torch.arange(T, device=mask.device)[None], dim=1)
-    index = order[:, T - t_new :]  # [B, T']
-    new_mask = torch.arange(t_new, device=mask.device)[None] >= (t_new - counts)[:, None]
-    for layer in _layers(cache):
-        idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys = layer.keys.gather(2, idx)
-        layer.values = layer.values.gather(2, idx)
-    return new_mask.long()
+
+    def __init__(self, device: torch.device | str = "cpu", grow: float = 0.125):
+        self.device, self.grow = torch.device(device), grow
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.capacity = self.peak = 0  # slots allocated now / at most so far
+        self.free = torch.empty(0, dtype=torch.long)
+        self.table = torch.zeros(0, 0, dtype=torch.long)
+        self.valid = torch.zeros(0, 0, dtype=torch.bool)
+        # the planned forward, on the device: slots written, slots read (None: a prefill, which reads
+        # its fresh rectangle), and for a prefill which of its [B, S] entries are kept
+        self._write = self._read = self._keep = None
+        self._packed = True
+
+    # -- planning --------------------------------------------------------------------------------
+    def _take(self, n: int) -> torch.Tensor:
+        """[n] free slot ids, growing the capacity when too few are free."""
+        short = n - len(self.free)
+        if short > 0:
+            extra = max(short, math.ceil(self.grow * self.capacity))
+            self.free = torch.cat([self.free, torch.arange(self.capacity + 1, self.capacity + extra + 1)])
+            self.capacity += extra
+            self.peak = max(self.peak, self.capacity)
+        taken, self.free = self.free[len(self.free) - n :], self.free[: len(self.free) - n]
+        return taken
+
+    def plan_prefill(self, valid: torch.Tensor) -> None:
+        """The next forward feeds ``valid`` [B, S] bool (rows left-padded); the cache must be empty."""
+        if self.table.numel():
+            raise ValueError("prefill needs an empty cache")
+        valid = valid.cpu()
+        self.table = torch.zeros(valid.shape, dtype=torch.long)
+        self.table[valid] = self._take(int(valid.sum()))  # row-major, the order update() writes in
+        self.valid, self._packed = valid, True
+        self._write, self._read, self._keep = self.table[valid].to(self.device), None, valid.to(self.device)
+
+    def plan_prefill_row(self, b: int) -> None:
+        """After :meth:`plan_prefill`: the next forward feeds row b's entries alone, [1, L_b]."""
+        slots = self.table[b][self.valid[b]]
+        self._write, self._read = slots.to(self.device), None
+        self._keep = torch.ones(1, len(slots), dtype=torch.bool, device=self.device)
+
+    def plan_step(self, live: torch.Tensor) -> None:
+        """The next forward feeds one entry per row; ``live`` [B] bool: kept (finished rows' entries go to scratch)."""
+        self._pack()
+        live = live.cpu()
+        new = torch.zeros(len(live), dtype=torch.long)
+        new[live] = self._take(int(live.sum()))
+        self.table = torch.cat([self.table, new[:, None]], 1)
+        self.valid = torch.cat([self.valid, live[:, None]], 1)
+        self._packed = bool(live.all())
+        self._write, self._read = new.to(self.device), self.table.flatten().to(self.device)
+
+    # -- the model's side ------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the planned forward's ``key_states``, ``value_states`` [B, H_kv, q, D] of one layer and
+        return the keys and values its attention reads, [B, H_kv, W, D] in ``table``'s layout."""
+        out = []
+        for pools, states in ((self.keys, key_states), (self.values, value_states)):
+            pool = pools.get(layer_idx)
+            if pool is None or len(pool) <= self.capacity:  # zero-filled: masked slots must stay finite
+                fresh = states.new_zeros(self.capacity + 1 - (0 if pool is None else len(pool)), *pool_shape(states))
+                pool = fresh if pool is None else torch.cat([pool, fresh])
+                pools[layer_idx] = pool
+            rows = states.transpose(1, 2)  # [B, q, H, D]
+            if self._read is None:  # prefill: store the valid entries, attend over the fresh rectangle
+                pool.index_copy_(0, self._write, rows[self._keep])
+                out.append(states)
+            else:
+                pool.index_copy_(0, self._write, rows[:, 0])
+                B, W = self.table.shape
+                gathered = pool.index_select(0, self._read)  # [B*W, H, D]
+                out.append(gathered.view(B, W, *pool.shape[1:]).transpose(1, 2))
+        return out[0], out[1]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset) for transformers' own causal mask, asked only by a prefill of unpadded
+        rows (it attends over its fresh entries alone); steps pass their own 4-D mask."""
+        if self._read is not None:
+            raise RuntimeError("a decode step over a ragged cache needs its 4-D mask")
+        return query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """The first query's position in the mask: 0 (see :meth:`get_mask_sizes`)."""
+        return 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """W, the longest row."""
+        self._pack()
+        return self.table.shape[1]
+
+    # -- surgery ---------------------------------------------------------------------------------
+    def _pack(self) -> None:
+        """Re-pack the table right (a finished row's dummy column is dropped): table-only, the entries stay put."""
+        if self._packed:
+            return
+        B, W = self.valid.shape
+        width = int(self.valid.sum(1).max()) if B else 0
+        order = torch.argsort(self.valid.long() * (W + 1) + torch.arange(W)[None], dim=1)[:, W - width :]
+        self.valid = self.valid.gather(1, order)
+        self.table = self.table.gather(1, order).masked_fill(~self.valid, 0)
+        self._packed = True
+
+    def rollback(self, k: torch.Tensor) -> None:
+        """Remove the last ``k[b]`` entries of each row b ([B] long, ``k[b] <= L_b``); their slots are freed."""
+        self._pack()
+        W = self.table.shape[1]
+        cols = torch.arange(W)[None]
+        drop = (cols >= W - k[:, None]) & self.valid  # never padding: slot 0 is not freed
+        self.free = torch.cat([self.free, self.table[drop]])
+        # right-packed rows stay right-packed by shifting each right by its k (cheaper than a re-sort)
+        src = cols - k[:, None]
+        kept = src >= 0
+        src = src.clamp(min=0)
+        self.valid = self.valid.gather(1, src) & kept
+        self.table = self.table.gather(1, src).masked_fill(~self.valid, 0)
+        width = int(self.valid.sum(1).max())
+        self.table, self.valid = self.table[:, W - width :], self.valid[:, W - width :]
+
+    def trim(self) -> None:
+        """Drop the spare and freed slots: the pools then hold exactly the live entries (+ the scratch slot)."""
+        self._pack()
+        live = self.table[self.valid]
+        if len(live) == self.capacity:
+            return
+        idx = torch.cat([torch.zeros(1, dtype=torch.long), live]).to(self.device)
+        for pools in (self.keys, self.values):
+            for i, pool in pools.items():
+                pools[i] = pool.index_select(0, idx)
+        self.table[self.valid] = torch.arange(1, len(live) + 1)
+        self.capacity, self.free = len(live), torch.empty(0, dtype=torch.long)
+
+    # -- accounting ------------------------------------------------------------------------------
+    def lengths(self) -> list[int]:
+        """[B] entries per row."""
+        return self.valid.sum(1).tolist()
+
+    def slot_bytes(self) -> int:
+        """Bytes of one slot over all layers, keys and values."""
+        return sum(p[0].numel() * p.element_size() for pools in (self.keys, self.values) for p in pools.values())
+
+    def nbytes(self) -> int:
+        """Allocated bytes of the pools: ``(capacity + 1) * slot_bytes()``."""
+        return sum(p.untyped_storage().nbytes() for pools in (self.keys, self.values) for p in pools.values())
 
 
-def cache_bytes(cache) -> int:
-    """Bytes held by the keys and values of all layers."""
-    return sum(t.numel() * t.element_size() for layer in _layers(cache) for t in (layer.keys, layer.values))
+def pool_shape(states: torch.Tensor) -> tuple[int, int]:
+    """(H_kv, D) of ``states`` [B, H_kv, q, D]."""
+    return states.shape[1], states.shape[3]
 
 
 class MergingCache:
-    """A batch's KV cache, attention mask and next positions, for decoding with merges.
+    """A batch's KV cache (:class:`RaggedKV`) and each row's next position, for decoding with merges.
 
-    Rows are left-padded. Positions are per row and contiguous over the row's valid slots, so a
-    row's merges never shift another row. Rolling back k entries of a row cuts them off with one
-    row, and masks them out with several (rows merge at different steps); masked slots are removed
-    by :meth:`compact`.
+    Positions are per row and contiguous over the row's entries, so a row's merges never shift
+    another row. Rolling back k entries of a row frees their slots at once, at any batch size.
 
     Parameters
     ----------
-    lm : the causal LM (its config builds the cache; its forward fills it).
-    compact_every : with several rows, compact after this many steps (and at the end).
+    lm : the causal LM (full attention only; its forward fills the cache).
+    grow : see :class:`RaggedKV`.
+    row_prefill : prefill rows of different lengths one forward per row (no padding computed)
+        instead of one left-padded forward. Off by default: on the default run's prompts at batch 8
+        (merged rows of 96-107 of 128 tokens, 7 % padding) it was 7 % faster on 2 loaded CPU cores in
+        one measurement and equal in another (small forwards use the cores less well), and on an
+        accelerator it would serialize the batch.
 
     Attributes
     ----------
-    cache : the ``DynamicCache``, T slots per row.
-    mask : [B, T] long, 1 for valid slots.
+    kv : the :class:`RaggedKV`.
     next_pos : [B] (host) compressed position of each row's next step.
     """
 
-    def __init__(self, lm, compact_every: int = 16):
-        self.lm, self.compact_every = lm, compact_every
-        self.cache = DynamicCache(config=lm.config)
-        self.mask: torch.Tensor | None = None
+    def __init__(self, lm, grow: float = 0.125, row_prefill: bool = False):
+        check_full_attention(lm.config)
+        self.lm, self.kv = lm, RaggedKV(lm.device, grow)
+        self.row_prefill = row_prefill
         self.next_pos: list[int] = []
-        self._since_compact = 0
 
-    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, **kw) -> torch.Tensor:
-        out = self.lm(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
-                      **cache_kwargs(self.lm, self.cache), use_cache=True, **kw)
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, **kw) -> torch.Tensor:
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                      **cache_kwargs(self.lm, self.kv), use_cache=True, **kw)
         return out.logits[:, -1, :].float()
 
     def prefill(self, embeds: list[torch.Tensor]) -> torch.Tensor:
-        """Feed each row's prompt ``embeds[b]`` [S_b, d], left-padded to S = max S_b; [B, V] logits."""
+        """Feed each row's prompt ``embeds[b]`` [S_b, d], left-padded to S = max S_b (or row by row,
+        see ``row_prefill``); [B, V] logits."""
         B, S, e0 = len(embeds), max(len(e) for e in embeds), embeds[0]
-        padded = torch.zeros(B, S, e0.shape[-1], dtype=e0.dtype, device=e0.device)
-        self.mask = torch.zeros(B, S, dtype=torch.long, device=e0.device)
-        for b, e in enumerate(embeds):
-            padded[b, S - len(e) :] = e
-            self.mask[b, S - len(e) :] = 1
-        positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
-        self.next_pos = [len(e) for e in embeds]
-        return self._forward(padded, positions, logits_to_keep=1)
+        lens = torch.tensor([len(e) for e in embeds], device=e0.device)
+        valid = torch.arange(S, device=e0.device)[None] >= (S - lens)[:, None]  # [B, S]
+        self.kv.plan_prefill(valid)
+        self.next_pos = lens.tolist()
+        if self.row_prefill and not bool(valid.all()):
+            out = []
+            for b, e in enumerate(embeds):
+                self.kv.plan_prefill_row(b)
+                pos = torch.arange(len(e), device=e.device)[None]
+                out.append(self._forward(e[None], pos, None, logits_to_keep=1))
+            return torch.cat(out)
+        padded = e0.new_zeros(B, S, e0.shape[-1])
+        padded[valid] = torch.cat(embeds)
+        positions = (valid.cumsum(-1) - 1).masked_fill(~valid, 1)
+        mask = None  # without padding the model builds its own causal mask: SDPA's faster is_causal path (~5 %)
+        if not bool(valid.all()):
+            i = torch.arange(S, device=e0.device)
+            # causal over valid keys; a padding query sees itself only (its output is never read)
+            allowed = (valid[:, None, :] & (i[None, :] <= i[:, None])) | (i[None, :] == i[:, None])  # [B, S, S]
+            mask = additive_mask(allowed[:, None], e0.dtype)
+        return self._forward(padded, positions, mask, logits_to_keep=1)
 
     def step(self, embeds: torch.Tensor, live: list[bool]) -> torch.Tensor:
         """Feed one step ``embeds`` [B, 1, d] at each row's next position; [B, V] logits.
 
-        Rows not ``live`` (finished) feed a masked dummy slot at their last position (their next one
-        may lie past the model's context), and their position does not advance."""
-        column = torch.tensor(live, device=self.mask.device, dtype=self.mask.dtype)[:, None]
-        self.mask = torch.cat([self.mask, column], 1)
+        Rows not ``live`` (finished) feed a dummy at their last position (their next one may lie past
+        the model's context) into the scratch slot, and their position does not advance."""
+        self.kv.plan_step(torch.tensor(live))
         at = [p if v else p - 1 for p, v in zip(self.next_pos, live)]
-        logits = self._forward(embeds, torch.tensor(at, device=self.mask.device)[:, None])
+        mask = additive_mask(self.kv.valid.to(embeds.device)[:, None, None, :], embeds.dtype)
+        logits = self._forward(embeds, torch.tensor(at, device=embeds.device)[:, None], mask)
         self.next_pos = [p + int(v) for p, v in zip(self.next_pos, live)]
-        self._since_compact += 1
         return logits
 
     def rollback(self, k: list[int]) -> None:
-        """Roll back the last ``k[b]`` steps fed to each row b (0: none): cut off with one row,
-        masked out with several; the row's next position moves back by ``k[b]``."""
+        """Roll back the last ``k[b]`` steps fed to each row b (0: none); its next position moves back by ``k[b]``."""
         if not any(k):
             return
-        T = self.mask.shape[1]
-        if len(k) == 1:
-            drop_last(self.cache, k[0])
-            self.mask = self.mask[:, : T - k[0]]
-        else:
-            for b, n in enumerate(k):
-                if n:
-                    self.mask[b, T - n :] = 0
+        self.kv.rollback(torch.tensor(k))
         self.next_pos = [p - n for p, n in zip(self.next_pos, k)]
 
-    def maybe_compact(self, last: bool = False) -> None:
-        """Compact every ``compact_every`` steps, and on the ``last`` one, when slots are masked out."""
-        due = last or self._since_compact >= self.compact_every
-        if len(self.next_pos) > 1 and due and bool((self.mask == 0).any()):
-            self.compact()
-
-    def compact(self) -> None:
-        """Gather each row's valid slots to the right; the cache shrinks to the longest row."""
-        self.mask = compact(self.cache, self.mask)
-        self._since_compact = 0
+    def finish(self) -> None:
+        """End of a decode: return the spare slots, so the storage is exactly the rows' entries."""
+        self.kv.trim()
 
     def lengths(self) -> list[int]:
-        """[B] valid entries per row."""
-        return self.mask.sum(1).tolist()
+        """[B] entries per row."""
+        return self.kv.lengths()
