@@ -69,7 +69,8 @@ def test_eval_config_parses(path):
 
 def test_every_runner_has_paper_and_embedded_config():
     names = {p.relative_to(ROOT / "conf" / "eval").as_posix() for p in EVAL_CONFS}
-    for stem in ("table2_ppl", "table4_qa", "table5_summarize", "table6_math", "table10_11_gen_quality", "compare"):
+    for stem in ("table2_ppl", "table4_qa", "table5_summarize", "table6_math", "table10_11_gen_quality", "compare",
+                 "recall"):
         assert f"{stem}.yaml" in names and f"embedded/{stem}.yaml" in names
 
 

@@ -249,8 +249,7 @@ def _slot_bytes(lm) -> int:
     return 2 * c.num_hidden_layers * h_kv * head_dim * lm.dtype.itemsize
 
 
-@pytest.mark.parametrize("row_prefill", [False, True], ids=["padded_prefill", "row_prefill"])
-def test_ragged_cache_rollback_finished_rows_and_trim_equal_recompute(setup, row_prefill):
+def test_ragged_cache_rollback_finished_rows_and_trim_equal_recompute(setup):
     """Rows of 9, 5 and 7 entries: rolling back entries of any row, a row that finishes, and the
     final trim give the logits of one plain forward over each row's remaining sequence; freed slots
     are reused, and the bytes are the allocated slots (exactly the entries + 1 scratch after trim)."""
@@ -271,7 +270,7 @@ def test_ragged_cache_rollback_finished_rows_and_trim_equal_recompute(setup, row
     with torch.no_grad():
         for B in (1, 3):
             seqs = [s.clone() for s in init[:B]]
-            cache = MergingCache(lm, row_prefill=row_prefill)
+            cache = MergingCache(lm)
             logits = cache.prefill(seqs)
             assert cache.next_pos == cache.lengths() == [len(s) for s in seqs]
             for b in range(B):

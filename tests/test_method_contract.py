@@ -23,6 +23,7 @@ from test_eval_llmlingua import _bytelevel_tokenizer, _wordpiece_tokenizer
 from umim.fingerprint import tokenizer_fingerprint
 from umim.inference.generation import MergedLM, SamplingConfig
 from umim.ktoken.encoder import KTokenConfig, KTokenEncoder
+from umim.ktoken.lora import ADAPTER_DIR, LoRASettings, add_lora, save_adapter
 from umim.merging.merger import MergeModule, MergerConfig
 from umim.rules.corpus import load_documents, tokenize_documents
 from umim.rules.mining import mine_rules
@@ -44,6 +45,7 @@ OPTIONS = {
     "llmlingua2": lambda d: {"model": d["clf"], "tr_tolerance": 0.1},
     "quickmerge": lambda d: {},
     "ktoken": lambda d: {"path": d["ktoken"]},
+    "ktoken_lora": lambda d: {"path": d["ktoken_lora"]},  # a fresh adapter (B = 0): ratio 0 is the identity
     "streaming_llm": lambda d: {},
     "h2o": lambda d: {},
 }
@@ -65,6 +67,11 @@ def run(tmp_path_factory):
     torch.manual_seed(1)
     merger = MergeModule(MergerConfig(hidden_size=32, tokenizer=fp))
     KTokenEncoder(KTokenConfig(hidden_size=32, k=2, tokenizer=fp)).save_pretrained(root / "ktoken")
+    KTokenEncoder(KTokenConfig(hidden_size=32, k=2, tokenizer=fp)).save_pretrained(root / "ktoken_lora")
+    with torch.random.fork_rng():  # the other builders draw what they drew before
+        adapted = make_tiny_lm("llama", len(tok), context=256)
+        add_lora(adapted, LoRASettings(r=2))
+        save_adapter(adapted, root / "ktoken_lora" / ADAPTER_DIR)
     from transformers import BertConfig, BertForTokenClassification
 
     ctok = _wordpiece_tokenizer(docs[:300])
@@ -75,7 +82,8 @@ def run(tmp_path_factory):
     stream = ids[: 6 * 72].tolist()
     examples = [(stream[i : i + 56 - 4 * j], stream[i + 56 : i + 72]) for j, i in enumerate(range(0, 6 * 72, 72))]
     return {"m": MergedLM(lm, tok, merger, rules), "examples": examples,
-            "dirs": {"clf": str(root / "tiny-bert"), "ktoken": str(root / "ktoken")}}
+            "dirs": {"clf": str(root / "tiny-bert"), "ktoken": str(root / "ktoken"),
+                     "ktoken_lora": str(root / "ktoken_lora")}}
 
 
 def build(run, name: str, ratio: float) -> Method:

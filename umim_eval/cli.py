@@ -47,6 +47,8 @@ RUNNERS: dict[str, tuple[str, str]] = {
     "compare": ("umim_eval.tasks.compare",
                 "all methods at matched TR: continuation perplexity (UMIM vs baselines vs compressors)"),
     "qa": ("umim_eval.tasks.qa", "zero-shot multiple-choice QA through lm-eval at matched TR (Table 4)"),
+    "recall": ("umim_eval.tasks.recall",
+               "all methods at matched TR: recall of a sentence from anywhere in the context (NLL + accuracy)"),
 }
 """Lazy table of the runners: importing the CLI imports none of them."""
 

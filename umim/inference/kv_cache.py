@@ -109,21 +109,19 @@ class RaggedKV:
         taken, self.free = self.free[len(self.free) - n :], self.free[: len(self.free) - n]
         return taken
 
-    def plan_prefill(self, valid: torch.Tensor) -> None:
-        """The next forward feeds ``valid`` [B, S] bool (rows left-padded); the cache must be empty."""
+    def plan_prefill(self, lens: torch.Tensor) -> None:
+        """The next forward feeds B rows of ``lens`` [B] entries, right-padded to S = max; the cache must be empty."""
         if self.table.numel():
             raise ValueError("prefill needs an empty cache")
-        valid = valid.cpu()
-        self.table = torch.zeros(valid.shape, dtype=torch.long)
-        self.table[valid] = self._take(int(valid.sum()))  # row-major, the order update() writes in
-        self.valid, self._packed = valid, True
-        self._write, self._read, self._keep = self.table[valid].to(self.device), None, valid.to(self.device)
-
-    def plan_prefill_row(self, b: int) -> None:
-        """After :meth:`plan_prefill`: the next forward feeds row b's entries alone, [1, L_b]."""
-        slots = self.table[b][self.valid[b]]
-        self._write, self._read = slots.to(self.device), None
-        self._keep = torch.ones(1, len(slots), dtype=torch.bool, device=self.device)
+        lens = lens.cpu()
+        S = int(lens.max())
+        fed = torch.arange(S)[None] < lens[:, None]  # [B, S] where the forward's entries are real
+        self.valid = fed.flip(1)  # the table is right-packed
+        self.table = torch.zeros(fed.shape, dtype=torch.long)
+        # both masks list the entries row by row in sequence order, the order update() writes in
+        self.table[self.valid] = self._take(int(lens.sum()))
+        self._packed = True
+        self._write, self._read, self._keep = self.table[self.valid].to(self.device), None, fed.to(self.device)
 
     def plan_step(self, live: torch.Tensor) -> None:
         """The next forward feeds one entry per row; ``live`` [B] bool: kept (finished rows' entries go to scratch)."""
@@ -245,11 +243,6 @@ class MergingCache:
     ----------
     lm : the causal LM (full attention only; its forward fills the cache).
     grow : see :class:`RaggedKV`.
-    row_prefill : prefill rows of different lengths one forward per row (no padding computed)
-        instead of one left-padded forward. Off by default: on the default run's prompts at batch 8
-        (merged rows of 96-107 of 128 tokens, 7 % padding) it was 7 % faster on 2 loaded CPU cores in
-        one measurement and equal in another (small forwards use the cores less well), and on an
-        accelerator it would serialize the batch.
 
     Attributes
     ----------
@@ -257,42 +250,30 @@ class MergingCache:
     next_pos : [B] (host) compressed position of each row's next step.
     """
 
-    def __init__(self, lm, grow: float = 0.125, row_prefill: bool = False):
+    def __init__(self, lm, grow: float = 0.125):
         check_full_attention(lm.config)
         self.lm, self.kv = lm, RaggedKV(lm.device, grow)
-        self.row_prefill = row_prefill
         self.next_pos: list[int] = []
 
-    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, **kw) -> torch.Tensor:
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                      **cache_kwargs(self.lm, self.kv), use_cache=True, **kw)
-        return out.logits[:, -1, :].float()
-
     def prefill(self, embeds: list[torch.Tensor]) -> torch.Tensor:
-        """Feed each row's prompt ``embeds[b]`` [S_b, d], left-padded to S = max S_b (or row by row,
-        see ``row_prefill``); [B, V] logits."""
+        """Feed each row's prompt ``embeds[b]`` [S_b, d] in one forward; [B, V] logits at each row's last entry.
+
+        Rows are right-padded to S = max S_b: under a plain causal mask a real entry never sees the
+        padding after it, so no padding mask is needed and attention takes SDPA's is_causal path (a
+        4-D padding mask cost ~5 % of a batch-8 prefill); the padding's outputs are neither stored
+        nor read."""
         B, S, e0 = len(embeds), max(len(e) for e in embeds), embeds[0]
-        lens = torch.tensor([len(e) for e in embeds], device=e0.device)
-        valid = torch.arange(S, device=e0.device)[None] >= (S - lens)[:, None]  # [B, S]
-        self.kv.plan_prefill(valid)
+        lens = torch.tensor([len(e) for e in embeds])
+        self.kv.plan_prefill(lens)
         self.next_pos = lens.tolist()
-        if self.row_prefill and not bool(valid.all()):
-            out = []
-            for b, e in enumerate(embeds):
-                self.kv.plan_prefill_row(b)
-                pos = torch.arange(len(e), device=e.device)[None]
-                out.append(self._forward(e[None], pos, None, logits_to_keep=1))
-            return torch.cat(out)
         padded = e0.new_zeros(B, S, e0.shape[-1])
-        padded[valid] = torch.cat(embeds)
-        positions = (valid.cumsum(-1) - 1).masked_fill(~valid, 1)
-        mask = None  # without padding the model builds its own causal mask: SDPA's faster is_causal path (~5 %)
-        if not bool(valid.all()):
-            i = torch.arange(S, device=e0.device)
-            # causal over valid keys; a padding query sees itself only (its output is never read)
-            allowed = (valid[:, None, :] & (i[None, :] <= i[:, None])) | (i[None, :] == i[:, None])  # [B, S, S]
-            mask = additive_mask(allowed[:, None], e0.dtype)
-        return self._forward(padded, positions, mask, logits_to_keep=1)
+        padded[torch.arange(S, device=e0.device)[None] < lens.to(e0.device)[:, None]] = torch.cat(embeds)
+        positions = torch.arange(S, device=e0.device)[None].expand(B, S)
+        # the LM head runs once per row, at its last entry (logits_to_keep keeps the same columns in every row)
+        hidden = self.lm.base_model(inputs_embeds=padded, position_ids=positions,
+                                    **cache_kwargs(self.lm, self.kv), use_cache=True).last_hidden_state
+        last = hidden[torch.arange(B, device=e0.device), (lens - 1).to(e0.device)]  # [B, d]
+        return self.lm.get_output_embeddings()(last).float()
 
     def step(self, embeds: torch.Tensor, live: list[bool]) -> torch.Tensor:
         """Feed one step ``embeds`` [B, 1, d] at each row's next position; [B, V] logits.
@@ -300,9 +281,10 @@ class MergingCache:
         Rows not ``live`` (finished) feed a dummy at their last position (their next one may lie past
         the model's context) into the scratch slot, and their position does not advance."""
         self.kv.plan_step(torch.tensor(live))
-        at = [p if v else p - 1 for p, v in zip(self.next_pos, live)]
+        at = torch.tensor([p if v else p - 1 for p, v in zip(self.next_pos, live)], device=embeds.device)
         mask = additive_mask(self.kv.valid.to(embeds.device)[:, None, None, :], embeds.dtype)
-        logits = self._forward(embeds, torch.tensor(at, device=embeds.device)[:, None], mask)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=at[:, None],
+                         **cache_kwargs(self.lm, self.kv), use_cache=True).logits[:, -1].float()
         self.next_pos = [p + int(v) for p, v in zip(self.next_pos, live)]
         return logits
 

@@ -5,7 +5,8 @@ method under the contract of :mod:`umim_eval.methods.base` (name, label, kind, o
 * prompt compressors (:class:`SelectContext`, :class:`LLMLingua1`, :class:`LLMLingua2`, and the base
   LM as :class:`~.no_reduction.NoReduction`) drop tokens and return a :class:`CompressedPrompt`;
 * prompt mergers (:class:`~.umim_merge.UMIMMerge`, :class:`~.umim_budget.UMIMBudget`,
-  :class:`~.quickmerge.QuickMerge`, :class:`~.ktoken_merge.KTokenMerge`) merge contiguous groups
+  :class:`~.quickmerge.QuickMerge`, :class:`~.ktoken_merge.KTokenMerge` with the frozen LM and
+  :class:`~.ktoken_merge.KTokenLoRAMerge` with LoRA adapters on the LM) merge contiguous groups
   into embeddings and return a :class:`MergedPrompt`;
 * KV policies (:class:`StreamingLLM`, :class:`H2O`) evict cache entries while the LM reads.
 

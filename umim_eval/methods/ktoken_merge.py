@@ -10,14 +10,26 @@ embedding from the trained encoder; the recent tail stays token by token.
   A ratio above ``(K - 1) / K`` is refused; a prompt too short for its ratio is merged as far as it
   goes, with a warning that says so.
 
-A folder trained with LoRA (``adapter/`` beside the encoder) changes the LM itself: :meth:`KTokenMerge.load`
-injects the adapter into the given LM in place, and :meth:`merge` refuses any other LM. Generation
-stays in the LM's vocabulary (only the prompt is merged).
+Two registered variants, one per training recipe, so a table can list both:
+
+* ``ktoken`` (:class:`KTokenMerge`, "K-Token Merging (frozen LM)"): the encoder trained against the
+  frozen LM (``umim fit --config conf/ktoken.yaml``); the LM is used as it is.
+* ``ktoken_lora`` (:class:`KTokenLoRAMerge`, "K-Token Merging (LoRA LM)"): K-Token Merging's own
+  recipe, encoder + LoRA adapters on the LM (``umim fit --config conf/ktoken_lora.yaml``; the folder
+  holds ``adapter/`` beside the encoder). The adapter is injected into the run's LM but switched on
+  only while this method scores or generates, so the other methods of the same comparison (the base
+  LM included) still run the unadapted LM.
+
+Each refuses the other's folder. :meth:`KTokenMerge.load` (the Python API) takes either and leaves an
+adapter switched on; :meth:`merge` then refuses any other LM. Generation stays in the LM's
+vocabulary (only the prompt is merged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -46,7 +58,11 @@ class KTokenMerge(PromptMerger):
     ratio: float = 0.0
     adapted_lm: torch.nn.Module | None = None
     name: ClassVar[str] = "ktoken"
-    label: ClassVar[str] = "K-Token Merging"
+    label: ClassVar[str] = "K-Token Merging (frozen LM)"
+    with_lora: ClassVar[bool] = False
+    """Whether the registered method takes the LoRA recipe's folders (``adapter/`` beside the encoder)."""
+    conf: ClassVar[str] = "conf/ktoken.yaml"
+    """The config that trains the folders this method takes."""
 
     def __post_init__(self):
         check_ratio(self.ratio)
@@ -69,14 +85,23 @@ class KTokenMerge(PromptMerger):
 
     @classmethod
     def check_options(cls, options: dict) -> None:
+        from umim.ktoken.lora import ADAPTER_DIR
+
         super().check_options(options)
-        path = options.get("path")
+        path, name = options.get("path"), cls.name
+        export = f"runs/{Path(cls.conf).stem}/ktoken"
         if path is None:
-            raise UserError("method 'ktoken' needs method_options {ktoken: {path: FOLDER}} (a trained encoder; "
-                            "umim fit --config conf/ktoken.yaml writes runs/ktoken/ktoken)")
+            raise UserError(f"method {name!r} needs method_options {{{name}: {{path: FOLDER}}}} (a trained encoder; "
+                            f"umim fit --config {cls.conf} writes {export})")
         if not Path(path).is_dir():
-            raise UserError(f"method 'ktoken': no trained encoder at {path} (run umim fit --config conf/ktoken.yaml "
-                            "or drop ktoken from methods)")
+            raise UserError(f"method {name!r}: no trained encoder at {path} (run umim fit --config {cls.conf} "
+                            f"or drop {name} from methods)")
+        has_adapter = (Path(path) / ADAPTER_DIR).is_dir()
+        if has_adapter != cls.with_lora:
+            other = "ktoken_lora" if has_adapter else "ktoken"
+            why = "holds a LoRA adapter (K-Token Merging's own recipe)" if has_adapter else \
+                "holds no LoRA adapter/ (trained against the frozen LM)"
+            raise UserError(f"method {name!r}: {path} {why}: list it as method {other!r}")
 
     @classmethod
     def load(cls, path: str | Path, lm, tokenizer=None, ratio: float = 0.0) -> KTokenMerge:
@@ -86,19 +111,24 @@ class KTokenMerge(PromptMerger):
         folder holds a LoRA adapter it is injected into ``lm`` IN PLACE: every later use of ``lm``
         (scoring, generation, ratio 0) runs the adapted model.
         """
-        from umim.fingerprint import tokenizer_fingerprint
         from umim.ktoken.lora import ADAPTER_DIR, load_adapter
 
         path = Path(path)
-        fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
-        encoder = KTokenEncoder.from_pretrained(path, lm.get_input_embeddings().embedding_dim, fp)
-        w = lm.get_input_embeddings().weight
-        encoder.to(device=w.device).eval()
+        encoder = cls.load_encoder(path, lm, tokenizer)
         adapted = None
         if (path / ADAPTER_DIR).is_dir():
             load_adapter(lm, path / ADAPTER_DIR)
             adapted = lm
         return cls(encoder=encoder, ratio=ratio, adapted_lm=adapted)
+
+    @staticmethod
+    def load_encoder(path: str | Path, lm, tokenizer=None) -> KTokenEncoder:
+        """The folder's encoder on ``lm``'s device, checked against its hidden size (and ``tokenizer``'s vocabulary)."""
+        from umim.fingerprint import tokenizer_fingerprint
+
+        fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+        encoder = KTokenEncoder.from_pretrained(Path(path), lm.get_input_embeddings().embedding_dim, fp)
+        return encoder.to(device=lm.get_input_embeddings().weight.device).eval()
 
     def segments(self, n: int) -> list[tuple[int, int]]:
         """``(start, length)`` of the elements of an ``n``-token prompt at this ratio."""
@@ -129,3 +159,82 @@ class KTokenMerge(PromptMerger):
             # the merged blocks are the first m elements and cover tokens 0 .. mK-1 in order
             out[:m] = self.encoder(x[: m * k].reshape(m, k, -1)).to(out.dtype)
         return MergedPrompt(embeds=out, segments=segments, n_original=n)
+
+
+_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""LM -> the ``adapter/`` folder :class:`KTokenLoRAMerge` injected into it."""
+
+
+def switch_lora(lm: torch.nn.Module, on: bool | list[bool]) -> list[bool]:
+    """Switch the LoRA adapters injected into ``lm`` on or off (one flag for all, or one per adapted
+    layer); returns the previous flags. peft's ``enable_adapters`` also makes adapter weights
+    trainable: they are frozen again, evaluation never trains them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+    before = [not m.disable_adapters for m in layers]
+    for m, flag in zip(layers, on if isinstance(on, list) else [on] * len(layers)):
+        m.enable_adapters(flag)
+    for n, p in lm.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(False)
+    return before
+
+
+@contextlib.contextmanager
+def lora_switched(lm: torch.nn.Module, on: bool):
+    """:func:`switch_lora` inside the block, the previous flags restored afterwards."""
+    before = switch_lora(lm, on)
+    try:
+        yield
+    finally:
+        switch_lora(lm, before)
+
+
+@dataclass
+class KTokenLoRAMerge(KTokenMerge):
+    """K-Token Merging's own recipe: the encoder of a folder trained with LoRA adapters on the LM.
+
+    :meth:`from_run` injects the folder's adapter into the run's LM switched OFF; it is switched on
+    only while this method scores or generates, so one loaded LM serves every method of a comparison.
+    """
+
+    name: ClassVar[str] = "ktoken_lora"
+    label: ClassVar[str] = "K-Token Merging (LoRA LM)"
+    with_lora: ClassVar[bool] = True
+    conf: ClassVar[str] = "conf/ktoken_lora.yaml"
+
+    @classmethod
+    def from_run(cls, run, ratio: float = 0.0, path: str | Path | None = None) -> KTokenLoRAMerge:
+        """The trained folder ``path`` (encoder + ``adapter/``) for the run's LM; the adapter starts switched off."""
+        from umim.ktoken.lora import ADAPTER_DIR
+
+        cls.check_options({"path": path})
+        adapter = (Path(path) / ADAPTER_DIR).resolve()
+        loaded = _ADAPTERS.get(run.lm)
+        if loaded is None:
+            method = cls.load(path, run.lm, run.tokenizer, ratio=ratio)
+            _ADAPTERS[run.lm] = adapter
+            switch_lora(run.lm, False)
+            return method
+        if loaded != adapter:  # peft holds one adapter per LM here: a second folder would mix two recipes
+            raise UserError(f"method 'ktoken_lora': the run's LM already carries the adapter of {loaded.parent}; "
+                            f"compare {Path(path)} in a separate run")
+        # the same folder again (a runner that rebuilds its methods): its adapter is in place, load the encoder
+        encoder = cls.load_encoder(path, run.lm, run.tokenizer)
+        return cls(encoder=encoder, ratio=ratio, adapted_lm=run.lm)
+
+    def score_continuation(self, run, context, target):
+        with lora_switched(self._adapted(run), True):
+            return super().score_continuation(run, context, target)
+
+    def generate(self, run, prompts, targets, sampling, n_samples=1, batch_size=1, kv_prefill="full",
+                 progress=False):
+        with lora_switched(self._adapted(run), True):
+            return super().generate(run, prompts, targets, sampling, n_samples, batch_size, kv_prefill, progress)
+
+    def _adapted(self, run) -> torch.nn.Module:
+        if self.adapted_lm is None or run.lm is not self.adapted_lm:
+            raise UserError("method 'ktoken_lora' runs only the LM its folder's adapter was loaded into "
+                            "(build it with make_method for this run)")
+        return run.lm

@@ -4,7 +4,9 @@ Every entry is built as ``make_method(name, ratio, merged_lm=run, **options)``, 
 class's :meth:`~umim_eval.methods.base.Method.from_run`; ``ratio`` is the target token reduction
 (the one knob). ``base`` is the uncompressed LM; ``umim`` is the fixed-rule merger (its TR is what
 the rules give, ``ratio`` is ignored); ``umim_budget`` uses the same merger and rules at a set TR;
-``ktoken`` loads a trained encoder folder given as ``options["path"]``. Runners build a method once
+``ktoken`` (K-Token Merging, encoder trained against the frozen LM) and ``ktoken_lora`` (K-Token
+Merging's own recipe: encoder + LoRA adapters on the LM) each load a trained folder given as
+``options["path"]``. Runners build a method once
 and re-aim it per example with ``method.aim(ratio)``. Entries are ``"module:Class"`` strings
 imported on first use, so listing methods costs nothing.
 
@@ -27,6 +29,7 @@ METHODS: dict[str, str] = {
     "llmlingua2": "umim_eval.methods.llmlingua2:LLMLingua2",
     "quickmerge": "umim_eval.methods.quickmerge:QuickMerge",
     "ktoken": "umim_eval.methods.ktoken_merge:KTokenMerge",
+    "ktoken_lora": "umim_eval.methods.ktoken_merge:KTokenLoRAMerge",
     "streaming_llm": "umim_eval.methods.streaming_llm:StreamingLLM",
     "h2o": "umim_eval.methods.h2o:H2O",
 }

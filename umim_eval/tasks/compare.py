@@ -19,6 +19,10 @@ context + target token by token under the ``prompt`` budget schedule: ``round(t 
 are evicted while the context is read, and the target then grows the cache by one entry per token,
 so every target token sees as many entries as after a context merged to TR ``t``; their TR is
 reported on the same scale (evicted entries / context tokens).
+
+A continuation mostly needs the context's LAST tokens, which favours methods that keep a recent
+window; :mod:`umim_eval.tasks.recall` (``umim-eval recall``) is the companion comparison whose
+answer lies anywhere in the context. Report both.
 """
 
 from __future__ import annotations
@@ -80,6 +84,27 @@ def load_examples(data: str, split: str, tokenizer, n: int, context_tokens: int,
     return [(b[:context_tokens].tolist(), b[context_tokens:].tolist()) for b in blocks[:n]]
 
 
+def check_targets(targets: list) -> None:
+    """Each TR level is ``"umim"`` or a number in [0, 1)."""
+    for t in targets:
+        if t != "umim" and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= float(t) < 1):
+            raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
+
+
+def aimed_tr(target, umim_tr: float | None) -> float:
+    """The TR a method is aimed at on one example: UMIM's TR on it (``target == "umim"``) or ``target``."""
+    return umim_tr if target == "umim" else float(target)
+
+
+def build_methods(cfg, m: MergedLM) -> dict:
+    """``base`` and every method of ``cfg.methods`` built at ratio 0 with its ``cfg.method_options``.
+
+    Every method is built before any scoring (a missing trained compressor fails now, not after
+    hours), once (a method may load a model or inject an adapter), then re-aimed through its ratio knob."""
+    return {name: make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
+            for name in dict.fromkeys(["base", *cfg.methods])}
+
+
 def _score(method, m: MergedLM, ctx: list[int], tgt: list[int]) -> tuple[float, float]:
     """(summed target NLL, achieved TR on the context) of one example."""
     s = method.score_continuation(m, ctx, tgt)
@@ -97,9 +122,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     """
     t0 = time.perf_counter()
     check_methods(cfg.methods, cfg.method_options)
-    for t in cfg.targets:
-        if t != "umim" and not (isinstance(t, (int, float)) and 0 <= float(t) < 1):
-            raise UserError(f"targets holds {t!r}: use 'umim' or a number in [0, 1)")
+    check_targets(cfg.targets)
     if cfg.n_samples < 1 or cfg.context_tokens < 1 or cfg.target_tokens < 1:
         raise UserError("n_samples, context_tokens and target_tokens must be >= 1")
     m = cfg.load_run(merged_lm, need_merging="targets 'umim'" if "umim" in cfg.targets else None)
@@ -108,10 +131,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
     umim_tr = [m.token_reduction(c) if "umim" in cfg.targets else None for c, _ in examples]
     n_tgt = sum(len(t) for _, t in examples)
 
-    # every method built before any scoring (a missing trained compressor fails now, not after hours),
-    # once (a method may load a model or inject an adapter), then re-aimed through its ratio knob
-    built = {name: make_method(name, 0.0, merged_lm=m, **dict(cfg.method_options.get(name, {})))
-             for name in dict.fromkeys(["base", *cfg.methods])}
+    built = build_methods(cfg, m)
     get = journal.get_or if journal is not None else (lambda key, compute: compute())
 
     base_nll = sum(get(f"base|{i}", lambda: _score(built["base"], m, c, t))[0] for i, (c, t) in enumerate(examples))
@@ -124,7 +144,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True, merged_lm: MergedLM |
             continue  # a fixed TR (UMIM's rules) has no knob: the umim_budget method covers fixed levels
         nll, trs, asked = 0.0, [], []
         for i, (ctx, tgt) in enumerate(examples):
-            want = umim_tr[i] if target == "umim" else float(target)
+            want = aimed_tr(target, umim_tr[i])
             method.aim(want)
             s, tr = get(f"{target}|{name}|{i}", lambda: _score(method, m, ctx, tgt))
             nll, trs, asked = nll + s, trs + [tr], asked + [want]
