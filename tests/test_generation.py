@@ -12,6 +12,7 @@ from conftest import make_tiny_lm
 from umim import kv_cache
 from umim.fingerprint import TokenizerMismatchError, tokenizer_fingerprint
 from umim.inference.generation import MergedLM, SamplingConfig
+from umim.lm import cache_kwargs
 from umim.merging.merger import MergeModule, MergerConfig
 from umim.rules.store import MergeRules
 
@@ -298,6 +299,33 @@ def test_ragged_cache_rollback_finished_rows_and_trim_equal_recompute(setup):
             logits = cache.step(steps[0, :B], [True] * B)
             for b in range(B):
                 assert torch.allclose(logits[b], recompute(seqs[b]), atol=1e-4)
+
+
+def test_ragged_cache_refuses_an_unplanned_forward_and_reads_its_length_without_changing(setup):
+    """A forward the cache did not plan (a plain model call on a finished decode's cache) is refused, not
+    written over live slots; asking the length between a plan and its forward (as models do when no
+    positions are given) leaves the plan intact."""
+    from umim.inference.kv_cache import MergingCache
+
+    lm = setup[0]
+    d = lm.get_input_embeddings().embedding_dim
+    torch.manual_seed(0)
+    seqs = [torch.randn(5, d), torch.randn(3, d)]
+    with torch.no_grad():
+        cache = MergingCache(lm)
+        cache.prefill(seqs)
+        cache.kv.plan_step(torch.tensor([False, True]))  # row 0 finished: a dummy column, table not packed
+        assert cache.kv.get_seq_length() == 5
+        step = torch.randn(2, 1, d)
+        mask = kv_cache.additive_mask(cache.kv.valid[:, None, None, :], step.dtype)
+        lm(inputs_embeds=step, attention_mask=mask, position_ids=torch.tensor([[4], [3]]),
+           **cache_kwargs(lm, cache.kv), use_cache=True)
+        assert cache.kv.lengths() == [5, 4]
+        cache.finish()
+        before = [p.clone() for p in cache.kv.keys.values()]
+        with pytest.raises(RuntimeError, match="must be planned"):
+            lm(inputs_embeds=step, **cache_kwargs(lm, cache.kv), use_cache=True)
+        assert all(torch.equal(a, b) for a, b in zip(before, cache.kv.keys.values()))
 
 
 def test_ragged_batches_with_early_stops_equal_batch_of_one_and_recompute(setup):

@@ -189,6 +189,23 @@ def test_selection_refuses_a_target_beyond_the_rules(tiny, costs):
         select_by_order(rules, cost_order(costs), blocks, 0.95)
 
 
+def test_selection_never_saves_an_empty_rule_set(tiny, costs):
+    """A target below what the cheapest rule alone removes is refused, not answered with no rules."""
+    _, _, _, rules, blocks = tiny
+    with pytest.raises(UserError, match="raise the target"):
+        select_by_order(rules, cost_order(costs), blocks, 1e-6, tolerance=1e-7)
+
+
+def test_budget_refuses_costs_scored_for_another_rule_set(tiny, costs, tmp_path):
+    lm, tok, merger, rules, blocks = tiny
+    other = subset_rules(rules, cost_order(costs)[:5], {"method": "cost"})
+    with pytest.raises(UserError, match="another rule set"):
+        UMIMBudget(MergedLM(lm, tok, merger, other), 0.1, score="cost", costs=costs)
+    costs.save(tmp_path / "costs.json")
+    with pytest.raises(UserError, match="another rule set"):
+        UMIMBudget(MergedLM(lm, tok, merger, other), 0.1, score="cost", costs=tmp_path / "costs.json")
+
+
 def test_shrunk_costs_pull_rare_rules_toward_the_mean(costs):
     raw, fired = costs.cost, costs.fires > 0
     np.testing.assert_allclose(costs.shrunk_cost(0.0)[fired], raw[fired])
@@ -301,6 +318,7 @@ def test_commands_score_then_select(tiny_run, capsys):
     (["score-rules", "--run_dir", "<run>", "--window", "-1"], "--window"),
     (["score-rules", "--run_dir", "<run>", "--window", "3", "--passes", "2"], "--passes"),
     (["score-rules", "--run_dir", "<tmp>/no-run"], "no merger"),
+    (["score-rules", "--run_dir", "<run>", "--out", "<rules>/rules.json"], "not a rule-costs file"),
 ])
 def test_bad_inputs_are_one_line(tiny_run, tmp_path, capsys, argv, needle):
     subs = {"<rules>": str(tiny_run / "run" / "rules"), "<run>": str(tiny_run / "run"), "<tmp>": str(tmp_path)}

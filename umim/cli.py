@@ -183,7 +183,7 @@ def _mine(argv: list[str]) -> int:
     print(f"tokens scanned: {rules.tokens_scanned:,} ({num_docs:,} documents, {len(shards)} shard(s))")
     print(f"filters: {rules.filters or 'none'}; tau = {rules.min_count}")
     for n, k in rules.num_rules().items():
-        # what each stage changed: rules the final set would hold without it (0 when a later stage subsumes it)
+        # what each stage changed: rules the final set would hold without it but does not (0 if subsumed)
         removed = ", ".join(f"-{d.get(n, 0):,} by {s}" for s, d in rules.marginal_by_filter.items())
         print(f"  {n}-grams: {k:,}" + (f" ({removed})" if removed else ""))
     print(f"wall time: tokenize {t1 - t0:.1f} s, count+filter {t2 - t1:.2f} s; saved to {a.out}")

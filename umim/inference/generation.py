@@ -21,7 +21,8 @@ layer and dropped right after. Rows never see another row's merges: masks and po
 Batch 1 is a ragged batch of one: one code path.
 
 After the last sampled token the loop feeds it too (one extra step), so the final cache holds the
-whole text — ``kv_len_final`` equals the number of segments — ready to continue.
+whole text — ``kv_len_final`` equals the number of segments — and a decode can go on from it
+through :meth:`MergingCache.step` (a plain model forward on it is refused).
 
 Code: one step loop (:meth:`MergedLM._steps`) serves :meth:`MergedLM.generate` (a batch, results
 at the end) and :meth:`MergedLM.stream` (one prompt, token by token). The cache, its mask and the

@@ -33,6 +33,7 @@ import math
 import torch
 from transformers import DynamicCache
 
+from umim.errors import UserError
 from umim.lm import cache_kwargs
 
 
@@ -95,6 +96,7 @@ class RaggedKV:
         # the planned forward, on the device: slots written, slots read (None: a prefill, which reads
         # its fresh rectangle), and for a prefill which of its [B, S] entries are kept
         self._write = self._read = self._keep = None
+        self._planned = False  # a plan serves one forward: its layer 0 update consumes it
         self._packed = True
 
     # -- planning --------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class RaggedKV:
         self.table[self.valid] = self._take(int(lens.sum()))
         self._packed = True
         self._write, self._read, self._keep = self.table[self.valid].to(self.device), None, fed.to(self.device)
+        self._planned = True
 
     def plan_step(self, live: torch.Tensor) -> None:
         """The next forward feeds one entry per row; ``live`` [B] bool: kept (finished rows' entries go to scratch)."""
@@ -133,12 +136,17 @@ class RaggedKV:
         self.valid = torch.cat([self.valid, live[:, None]], 1)
         self._packed = bool(live.all())
         self._write, self._read = new.to(self.device), self.table.flatten().to(self.device)
+        self._planned = True
 
     # -- the model's side ------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the planned forward's ``key_states``, ``value_states`` [B, H_kv, q, D] of one layer and
         return the keys and values its attention reads, [B, H_kv, W, D] in ``table``'s layout."""
+        if layer_idx == 0:
+            if not self._planned:  # e.g. a plain model forward on a finished decode's cache
+                raise RuntimeError("a RaggedKV forward must be planned (MergingCache.prefill/step feed it)")
+            self._planned = False
         out = []
         for pools, states in ((self.keys, key_states), (self.values, value_states)):
             pool = pools.get(layer_idx)
@@ -160,6 +168,8 @@ class RaggedKV:
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         """(kv_length, kv_offset) for transformers' own causal mask, asked only by a prefill of unpadded
         rows (it attends over its fresh entries alone); steps pass their own 4-D mask."""
+        if not self._planned:
+            raise RuntimeError("a RaggedKV forward must be planned (MergingCache.prefill/step feed it)")
         if self._read is not None:
             raise RuntimeError("a decode step over a ragged cache needs its 4-D mask")
         return query_length, 0
@@ -169,9 +179,8 @@ class RaggedKV:
         return 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """W, the longest row."""
-        self._pack()
-        return self.table.shape[1]
+        """The longest row's entries (read only: the model may ask between a plan and its forward)."""
+        return int(self.valid.sum(1).max()) if self.valid.numel() else 0
 
     # -- surgery ---------------------------------------------------------------------------------
     def _pack(self) -> None:
@@ -204,6 +213,8 @@ class RaggedKV:
     def trim(self) -> None:
         """Drop the spare and freed slots: the pools then hold exactly the live entries (+ the scratch slot)."""
         self._pack()
+        self._write = self._read = self._keep = None  # slots are renumbered: no plan survives
+        self._planned = False
         live = self.table[self.valid]
         if len(live) == self.capacity:
             return
@@ -252,6 +263,9 @@ class MergingCache:
 
     def __init__(self, lm, grow: float = 0.125):
         check_full_attention(lm.config)
+        if len(set((getattr(lm, "hf_device_map", None) or {}).values())) > 1:
+            raise UserError("online merging needs the LM on one device (the ragged cache's slot tables live on "
+                            "one); load it without a multi-GPU device_map")
         self.lm, self.kv = lm, RaggedKV(lm.device, grow)
         self.next_pos: list[int] = []
 
@@ -269,11 +283,21 @@ class MergingCache:
         padded = e0.new_zeros(B, S, e0.shape[-1])
         padded[torch.arange(S, device=e0.device)[None] < lens.to(e0.device)[:, None]] = torch.cat(embeds)
         positions = torch.arange(S, device=e0.device)[None].expand(B, S)
-        # the LM head runs once per row, at its last entry (logits_to_keep keeps the same columns in every row)
-        hidden = self.lm.base_model(inputs_embeds=padded, position_ids=positions,
-                                    **cache_kwargs(self.lm, self.kv), use_cache=True).last_hidden_state
-        last = hidden[torch.arange(B, device=e0.device), (lens - 1).to(e0.device)]  # [B, d]
-        return self.lm.get_output_embeddings()(last).float()
+        # the model's own head (with any logit scaling) runs once per row, on its last entry: a hook
+        # hands it those rows (logits_to_keep would keep the same columns in every row)
+        last = (lens - 1).to(e0.device)
+
+        def last_rows(module, args, output):
+            output.last_hidden_state = output.last_hidden_state[torch.arange(B, device=e0.device), last][:, None]
+            return output
+
+        hook = self.lm.base_model.register_forward_hook(last_rows)
+        try:
+            out = self.lm(inputs_embeds=padded, position_ids=positions, **cache_kwargs(self.lm, self.kv),
+                          use_cache=True, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return out.logits[:, -1].float()
 
     def step(self, embeds: torch.Tensor, live: list[bool]) -> torch.Tensor:
         """Feed one step ``embeds`` [B, 1, d] at each row's next position; [B, V] logits.

@@ -207,6 +207,14 @@ class RuleCosts:
         return costs
 
 
+def _is_costs_file(path: Path) -> bool:
+    """Whether ``path`` is a rule-costs file (ours to replace)."""
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 # -- scoring -----------------------------------------------------------------------------------------
 def min_passes(window: int) -> int:
     """Passes needed so that merges of one pass never fall in each other's charged window."""
@@ -400,7 +408,7 @@ def select_by_order(rules: MergeRules, order: np.ndarray, blocks: np.ndarray, ta
             lo = mid + 1
     keep = list(order[:hi])
     tr = tr_of(keep)
-    if hi > 0:  # one rule fewer may land closer
+    if hi > 1:  # one rule fewer may land closer (never none)
         below = tr_of(keep[:-1])
         if abs(below - target_tr) < abs(tr - target_tr):
             keep, tr = keep[:-1], below
@@ -419,6 +427,8 @@ def select_by_order(rules: MergeRules, order: np.ndarray, blocks: np.ndarray, ta
         t = tr_of(keep + [nxt])
         if t <= target_tr + tolerance:
             keep, tr = keep + [nxt], t
+    if not keep:
+        raise UserError(f"target TR {target_tr:.1%}: even the cheapest rule alone goes past it; raise the target")
     return np.asarray(keep, dtype=np.int64), tr
 
 
@@ -535,6 +545,8 @@ def _score_rules_cmd(argv: list[str]) -> int:
         raise UserError("--out: the rules come from the hub, so name the file to write the costs to")
     if Path(out).is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as {Path(out) / COSTS_FILE}")
+    if Path(out).exists() and not _is_costs_file(Path(out)):
+        raise UserError(f"--out {out} exists and is not a rule-costs file; refusing to replace it: choose another path")
     found = run_corpus(a.run_dir)
     data = a.data or (found[0] if found else None)
     if data is None:

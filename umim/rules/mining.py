@@ -29,7 +29,7 @@ Filtering (paper App. A, "hierarchical overlap filtering"), applied in this orde
 
 ``removed_by_filter[stage][n]`` counts what a stage removed from what the stages before it left;
 ``marginal_by_filter[stage][n]`` what it changed: the n-grams the final set would hold if that stage
-were left out. A stage whose removals a later stage makes anyway reports 0 there (inter removes
+were left out, but does not hold. A stage whose removals a later stage makes anyway reports 0 there (inter removes
 every n-gram contained in a longer kept one, which covers intra's prefix/suffix rule).
 """
 

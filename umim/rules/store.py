@@ -8,7 +8,7 @@ On disk a rule set is a directory with two files (format version 1):
   ``filters`` (list of filter stages applied), ``corpus`` (description), ``tokens_scanned``,
   ``num_rules`` per n, ``removed_by_filter`` per stage and n (what the stage removed from what the
   stages before it left), ``marginal_by_filter`` per stage and n (the rules the final set would hold
-  without that stage: 0 for a stage that a later one subsumes; absent in files written before it
+  without that stage but does not: 0 for a stage that a later one subsumes; absent in files written before it
   existed, read as ``{}``), and ``tokenizer`` (fingerprint: name, vocab_size, vocab_sha256).
   Optional: ``selection`` (provenance of a subset picked by ``umim select-rules``: source rules,
   costs file, target); older files without it load as before. ``umim score-rules`` writes
@@ -68,7 +68,7 @@ class MergeRules:
     removed_by_filter: dict[str, dict[int, int]] = field(default_factory=dict)
     """Per stage and n: n-grams the stage removed from what the stages before it left."""
     marginal_by_filter: dict[str, dict[int, int]] = field(default_factory=dict)
-    """Per stage and n: n-grams the final set would hold if the stage were left out (what it changed)."""
+    """Per stage and n: n-grams the final set would hold without the stage but does not (what it changed)."""
     selection: dict = field(default_factory=dict)
     """Provenance of a rule subset chosen by measured cost (empty for mined rules)."""
 

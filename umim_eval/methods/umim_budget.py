@@ -88,19 +88,22 @@ def load_alignment_scores(source: dict | str | Path) -> dict[tuple[int, ...], fl
     return out
 
 
-def load_cost_scores(source) -> dict[tuple[int, ...], float]:
+def load_cost_scores(source, rules=None) -> dict[tuple[int, ...], float]:
     """``{ngram tuple: cost}`` of the rules that fired, from a costs file, a rules folder holding
-    ``costs.json``, a :class:`~umim.rules.cost.RuleCosts` or a dict."""
-    from umim.rules.cost import RuleCosts
+    ``costs.json``, a :class:`~umim.rules.cost.RuleCosts` or a dict; with ``rules``, costs scored
+    for another rule set are refused."""
+    from umim.rules.cost import RuleCosts, RuleCostsError, rules_digest
 
     if isinstance(source, RuleCosts):
+        if rules is not None and source.meta.get("rules_sha256") != rules_digest(rules):
+            raise RuleCostsError("these rule costs were scored for another rule set: run `umim score-rules` on it")
         return source.table()
     if isinstance(source, dict):
         out = {tuple(int(t) for t in g): float(c) for g, c in source.items()}
         if any(len(g) < 2 for g in out):
             raise UserError("rule costs given for an n-gram shorter than 2 tokens: rules have at least 2")
         return out
-    return RuleCosts.load(source).table()
+    return RuleCosts.load(source, rules).table()
 
 
 @dataclass
@@ -111,7 +114,7 @@ class UMIMBudget(PromptMerger):
     ----------
     merged_lm : :class:`umim.inference.generation.MergedLM` with the merger and rules; its LM is the target LM.
     ratio : default target TR in [0, 1); :meth:`merge` takes a per-request override.
-    score : ``"count"``, ``"length"`` or ``"alignment"`` (module docstring).
+    score : ``"count"``, ``"length"``, ``"alignment"`` or ``"cost"`` (module docstring).
     alignment : per-rule scores (dict ``{ngram tuple: float}`` or JSON file), for ``score="alignment"``.
     costs : per-rule costs for ``score="cost"``: a ``costs.json`` written by ``umim score-rules``, the
         rules folder holding it, a :class:`~umim.rules.cost.RuleCosts`, or a dict ``{ngram tuple: cost}``.
@@ -155,7 +158,7 @@ class UMIMBudget(PromptMerger):
             if self.costs is None:
                 raise UserError("score='cost' needs measured rule costs: pass costs=costs.json (umim score-rules) "
                                 "or the rules folder holding it")
-            self._costs = load_cost_scores(self.costs)
+            self._costs = load_cost_scores(self.costs, self.merged_lm.rules)
 
     # -- scoring -----------------------------------------------------------------------------------
     def _rule_counts(self) -> dict[tuple[int, ...], int]:
