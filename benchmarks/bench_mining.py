@@ -66,6 +66,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import _corpus  # noqa: E402
 
+from umim.safe_io import write_text_atomic  # noqa: E402
+
 NS = (2, 3, 4)
 GB = 1024**3
 
@@ -281,7 +283,7 @@ def main() -> None:
         print(f"  tracemalloc {proj['tracemalloc_peak'] / GB:8.2f} GB  "
               f"({proj['tracemalloc_peak_per_token']:.0f} B/token)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_text_atomic(args.json, json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
 
 

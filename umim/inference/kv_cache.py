@@ -123,7 +123,9 @@ class RaggedKV:
         # both masks list the entries row by row in sequence order, the order update() writes in
         self.table[self.valid] = self._take(int(lens.sum()))
         self._packed = True
-        self._write, self._read, self._keep = self.table[self.valid].to(self.device), None, fed.to(self.device)
+        # flat [B*S] indices of the real entries, made on the host (a boolean index on the device would sync)
+        keep = fed.flatten().nonzero().squeeze(1)
+        self._write, self._read, self._keep = self.table[self.valid].to(self.device), None, keep.to(self.device)
         self._planned = True
 
     def plan_step(self, live: torch.Tensor) -> None:
@@ -156,7 +158,7 @@ class RaggedKV:
                 pools[layer_idx] = pool
             rows = states.transpose(1, 2)  # [B, q, H, D]
             if self._read is None:  # prefill: store the valid entries, attend over the fresh rectangle
-                pool.index_copy_(0, self._write, rows[self._keep])
+                pool.index_copy_(0, self._write, rows.reshape(-1, *rows.shape[2:]).index_select(0, self._keep))
                 out.append(states)
             else:
                 pool.index_copy_(0, self._write, rows[:, 0])

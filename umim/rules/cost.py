@@ -352,17 +352,8 @@ def measured_tr(rules: MergeRules, blocks: np.ndarray) -> float:
     """TR of the longest-match segmentation of ``rules`` on ``blocks`` [N, L]: 1 - segments / tokens."""
     if not len(rules):
         return 0.0
-    steps = rules.matcher.match_lengths(blocks)  # the walk below visits segment starts only
-    segments = sum(_count_segments(row) for row in steps.tolist())
+    segments = int((rules.matcher.segment_batch(blocks)[1] > 0).sum())  # the matcher's own walk
     return 1.0 - segments / blocks.size
-
-
-def _count_segments(step: list[int]) -> int:
-    i, k, n = 0, 0, len(step)
-    while i < n:
-        i += step[i]
-        k += 1
-    return k
 
 
 def subset_rules(rules: MergeRules, keep: np.ndarray, selection: dict | None = None) -> MergeRules:

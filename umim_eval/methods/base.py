@@ -421,7 +421,7 @@ class KVPolicy(Method):
         ----------
         layer : decoder layer index.
         pos : [B, H_kv, T] long, original positions (-1: padding), see :meth:`priority`.
-        n_keep : int, or [B] long per row, at most the row's real slots.
+        n_keep : int, or [B] per row (a list or a long tensor), at most the row's real slots.
 
         Returns
         -------
@@ -429,15 +429,18 @@ class KVPolicy(Method):
         kept slots in ascending (position) order; its first ``K - n_keep[b]`` entries are padding
         (some slot of the row, to be masked out), so a gathered row stays left-padded.
         """
+        # K from host values where given: reading it off a device tensor would sync once per layer
+        k_max = n_keep if isinstance(n_keep, int) else max(n_keep) if isinstance(n_keep, (list, tuple)) else None
         n_keep = torch.as_tensor(n_keep, dtype=torch.long, device=pos.device).expand(pos.shape[0])
-        return keep_top(self.priority(layer, pos, n_keep), pos, n_keep)
+        return keep_top(self.priority(layer, pos, n_keep), pos, n_keep, k_max)
 
 
-def keep_top(priority: torch.Tensor, pos: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+def keep_top(priority: torch.Tensor, pos: torch.Tensor, n_keep: torch.Tensor, K: int | None = None) -> torch.Tensor:
     """Each row's ``n_keep[b]`` real slots of highest ``priority`` [B, H_kv, T], in slot order after
-    ``K - n_keep[b]`` padding entries; [B, H_kv, K], K = max n_keep (see :meth:`KVPolicy.keep`)."""
+    ``K - n_keep[b]`` padding entries; [B, H_kv, K], K = max n_keep (see :meth:`KVPolicy.keep`; pass
+    ``K`` when it is known on the host)."""
     low = -torch.inf if priority.is_floating_point() else torch.iinfo(priority.dtype).min
-    K = int(n_keep.max())
+    K = int(n_keep.max()) if K is None else K
     top = priority.masked_fill(pos < 0, low).topk(K, dim=-1).indices  # [B, H_kv, K], best first
     kept = torch.arange(K, device=pos.device) < n_keep[:, None, None]
     # sort key: -1 for the entries row b does not keep (they go first), the slot index otherwise

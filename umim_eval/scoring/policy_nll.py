@@ -171,7 +171,7 @@ def compact(cache, pos: dict[int, torch.Tensor], policy: KVPolicy, n_keep: list[
     dev = cache.layers[0].keys.device
     held = torch.tensor(n_keep, device=dev)
     for i, layer in enumerate(cache.layers):
-        idx = policy.keep(i, pos[i], held)  # [B, H_kv, K]
+        idx = policy.keep(i, pos[i], n_keep)  # [B, H_kv, K]
         gather = idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
         layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
         K = idx.shape[-1]
