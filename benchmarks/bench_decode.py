@@ -59,7 +59,8 @@ def _prompts(tok, n_tokens: int, batch: int) -> list[list[int]]:
     return [ids[b * n_tokens : (b + 1) * n_tokens] for b in range(batch)]
 
 
-def _timed(fn):
+def timed(fn):
+    """``(fn(), seconds)``, with the device synchronized around the call."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -89,7 +90,7 @@ def run_case(m: MergedLM, w: int, n: int, batch: int, repeat: int = 4) -> dict:
     names, times, kv = list(runs), {k: [] for k in runs}, {}
     for r in range(repeat):
         for name in names[r % 3 :] + names[: r % 3]:
-            out, t = _timed(runs[name])
+            out, t = timed(runs[name])
             times[name].append(t)
             kv[name] = kv_cache.cache_bytes(output_cache(out) if name == "hf" else m.last_cache)
             if name == "dynamic":
@@ -139,7 +140,7 @@ def ttft(m: MergedLM, prompts: list[list[int]], hf_first: list[int], dyn_first: 
         times = {k: [] for k in runs}
         for r in range(repeat):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                times[name].append(_timed(runs[name])[1])
+                times[name].append(timed(runs[name])[1])
     ratios = sorted(tu / tm for tu, tm in zip(times["unmerged"], times["merged"]))
     merged_len = sum(len(m.rules.segment(p)) for p in prompts)
     tr_prompt = 1 - merged_len / sum(map(len, prompts))

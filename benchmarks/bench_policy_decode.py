@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
+from bench_decode import timed  # benchmarks/ is this script's folder
 
 from umim.inference.generation import SamplingConfig
 from umim.safe_io import write_text_atomic
@@ -55,16 +55,6 @@ def load_lm(name: str):
     return lm
 
 
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
 def run_policy(lm, cls, prompts: list[list[int]], batch: int, ratio: float, cfg: SamplingConfig,
                repeat: int) -> dict:
     runs = {
@@ -80,7 +70,7 @@ def run_policy(lm, cls, prompts: list[list[int]], batch: int, ratio: float, cfg:
     times = {k: [] for k in runs}
     for r in range(repeat):
         for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            times[name].append(_timed(runs[name])[1])
+            times[name].append(timed(runs[name])[1])
     ratios = sorted(tr / tb for tr, tb in zip(times["rows"], times["batched"]))
     return {"policy": cls.name, **{f"{k}_rows_per_s": len(prompts) / statistics.median(v) for k, v in times.items()},
             "speedup": [ratios[0], statistics.median(ratios), ratios[-1]], "rounds": repeat,

@@ -55,17 +55,24 @@ class Throughput(L.Callback):
         }), flush=True)
 
 
-def build_model(folder: Path) -> None:
-    from tiny_families import build_tokenizer, corpus_texts
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama32_1b_config():
+    """Llama-3.2-1B's configuration (random weights are built from it: nothing is downloaded)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
         num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
     )
+
+
+def build_model(folder: Path) -> None:
+    from tiny_families import build_tokenizer, corpus_texts
+    from transformers import LlamaForCausalLM
+
+    config = llama32_1b_config()
     with torch.device("cuda"):
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)

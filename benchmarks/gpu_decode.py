@@ -46,8 +46,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script on a machine where umim is not installed
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):  # run as a script where umim is not installed; loaded by file in tests
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -84,13 +85,9 @@ def build_lm(tiny: bool, context: int, dtype: torch.dtype, device: str):
                              max_position_embeddings=max(256, context), tie_word_embeddings=True,
                              bos_token_id=1, eos_token_id=2)
     else:
-        config = LlamaConfig(
-            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-            num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-            rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
-        )
+        from gpu_check import llama32_1b_config  # the training check's model: one definition
+
+        config = llama32_1b_config()
     if context > config.max_position_embeddings:
         raise UserError(f"--prompt + --new = {context} positions exceed the model's {config.max_position_embeddings}")
     torch.manual_seed(0)
