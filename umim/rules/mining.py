@@ -4,19 +4,18 @@ Counting is exact, hash-based and level-wise over one or more *shards* (a corpus
 shard; a corpus larger than memory is a list of shards, read one at a time):
 
 * pass 1 counts unigrams; tokens below tau are relabelled 0, the others 1..U in id order;
-* pass 2 counts bigrams (packed as base-(U+1) numbers) with one hash group-by per shard;
-* from pass 3 on, the ``max_n``-token window at every position, cut before its first bigram that is
-  not frequent (Apriori: every bigram of a frequent n-gram is frequent; this also cuts at document
-  ends), is packed as ``max_n`` base-(U+1) digits (int64, or Int128 when (U+1)^max_n does not fit:
-  large vocabularies) and counted with one hash group-by; the n-gram counts are sums over that
-  window table (its leading n digits), kept only when the (n-1)-prefix is frequent in the *whole*
-  corpus (Apriori again) and summed into the running table, so memory is bounded by one shard plus
-  the candidate table, never by the corpus. Totals equal those of counting the concatenated shards.
-  One shard is read once and its window table serves every pass; several are re-read per pass.
+* the ``max_n``-token window at every position, cut before its first token below tau or the end of
+  its document, is packed as ``max_n`` base-(U+1) digits (int64, or Int128 when (U+1)^max_n does not
+  fit: large vocabularies) and counted with one hash group-by per shard (the window table);
+* level n sums the window table over its leading n digits, keeping only windows whose (n-1)-prefix is
+  frequent in the *whole* corpus (Apriori: every prefix of a frequent n-gram is frequent), and adds
+  the result into the running table, so memory is bounded by one shard plus the candidate table,
+  never by the corpus. Totals equal those of counting the concatenated shards.
+  One shard's window table is built once and serves every level; several shards are re-read per level.
 
-The hash group-bys are polars' (multithreaded). They replace a sort-based counter (one
-``np.argsort`` of the surviving positions per level) that took 0.93 s, 6.5x ``collections.Counter``,
-on the 5M-token worst-case sample of ``benchmarks/bench_mining.py``; see docs/results.md for this one.
+The group-bys are polars' (multithreaded). One window table per shard replaced a bigram pass plus a
+window table cut at rare bigrams (0.55 s on the 5M-token sample of ``benchmarks/bench_mining.py``),
+which had replaced a sort-based counter (0.93 s); see docs/results.md for the figures.
 
 Filtering (paper App. A, "hierarchical overlap filtering"), applied in this order:
 
@@ -124,47 +123,30 @@ def _count(shards: Sequence[Shard], n_values: Iterable[int], min_count: int, pro
                           "lower the n-gram length")
     wide = pl.Int64 if radix**max_n < 2**63 else pl.Int128
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    kept = {}  # a single shard is read once and kept
+    kept = {}  # a single shard's window table is built once and serves every level
 
-    def read(load: Shard) -> tuple[np.ndarray, np.ndarray]:
-        if len(shards) > 1:
-            return _check_shard(*load())
-        if "shard" not in kept:
-            kept["shard"] = _check_shard(*load())
-        return kept["shard"]
+    def windows(load: Shard) -> pl.DataFrame:
+        if "windows" in kept:
+            return kept["windows"]
+        ids, off = _check_shard(*load())
+        table = _window_table(*_relabelled(ids, relabel, off, max_n), max_n, radix, wide)
+        if len(shards) == 1:
+            kept["windows"] = table
+        return table
 
-    bigrams = None  # the frequent bigrams: with them, windows are cut where a bigram is rare (Apriori)
     prefixes = None  # packed frequent (n-1)-grams
     for n in tqdm(range(2, max_n + 1), desc="counting n-grams", disable=not progress, leave=False):
         table = None
         for load in shards:
-            if n == 2 or "windows" not in kept:
-                ids, off = read(load)
-                padded, room = _relabelled(ids, relabel, off, max_n)
-                del ids, off
-                if n == 2:
-                    part = _bigram_table(padded, room, radix)
-                else:
-                    windows = _window_table(padded, room, max_n, radix, wide, bigrams)
-                    if len(shards) == 1:  # one shard's window table serves every later pass
-                        kept["windows"] = windows
-                del padded, room
-            if n > 2:
-                part = _level_table(kept["windows"] if "windows" in kept else windows, n, max_n, radix, prefixes)
-                windows = None
+            part = _level_table(windows(load), n, max_n, radix, prefixes)
             # the running sum holds candidates only: its size is bounded by them, not by the corpus
             table = part if table is None else pl.concat([table, part]).group_by("k").agg(pl.col("c").sum())
             del part
         table = table.filter(pl.col("c") >= min_count)
         if n in n_values:
-            table = table.sort("k")  # packed keys sort as their token ids do
-            counts = table["c"].to_numpy()
-            order = np.argsort(-counts, kind="stable")  # descending count, ties keep id order
-            grams = [frequent[_digit(table["k"], radix, n - 1 - j)[order] - 1] for j in range(n)]
-            out[n] = (np.stack(grams, axis=1).reshape(-1, n).astype(np.int64), counts[order].astype(np.int64))
+            table = table.sort(["c", "k"], descending=[True, False])  # packed keys sort as their token ids do
+            out[n] = (frequent[_digits(table["k"], radix, n) - 1], table["c"].to_numpy().astype(np.int64))
         prefixes = table["k"]
-        if n == 2:
-            bigrams = prefixes
     return out, tokens
 
 
@@ -178,10 +160,17 @@ def _check_shard(ids, doc_offsets) -> tuple[np.ndarray, np.ndarray]:
     return ids, off
 
 
-def _digit(keys: pl.Series, radix: int, place: int) -> np.ndarray:
-    """int64 [k]: base-``radix`` digit ``place`` (0 = last token) of packed n-grams ``keys``."""
-    r = pl.lit(radix, dtype=keys.dtype)
-    return pl.select((pl.lit(keys) // pl.lit(radix**place, dtype=keys.dtype) % r).cast(pl.Int64)).to_series().to_numpy()
+def _digits(keys: pl.Series, radix: int, n: int) -> np.ndarray:
+    """int64 [k, n]: the base-``radix`` digits of packed n-grams ``keys`` (first token first)."""
+    if keys.dtype == pl.Int64:
+        k = keys.to_numpy()
+        out = np.empty((len(k), n), dtype=np.int64)
+        for j in range(n - 1, -1, -1):
+            k, out[:, j] = np.divmod(k, radix)
+        return out
+    r = pl.lit(radix, dtype=keys.dtype)  # Int128: numpy has no such integers
+    return np.stack([pl.select((pl.lit(keys) // pl.lit(radix ** (n - 1 - j), dtype=keys.dtype) % r).cast(pl.Int64))
+                     .to_series().to_numpy() for j in range(n)], axis=1).reshape(-1, n)
 
 
 def _relabelled(ids: np.ndarray, relabel: np.ndarray, off: np.ndarray, max_n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,49 +186,31 @@ def _relabelled(ids: np.ndarray, relabel: np.ndarray, off: np.ndarray, max_n: in
     return padded, room
 
 
-def _bigram_keys(padded: np.ndarray, room: np.ndarray, radix: int) -> tuple[np.ndarray, np.ndarray]:
-    """int64 [N_s] packed bigram at each position, and bool [N_s]: whether it is one (in the document,
-    no token below tau)."""
-    size = room.size
-    ok = (padded[:size] != 0) & (padded[1 : size + 1] != 0) & (room >= 2)
-    return padded[:size].astype(np.int64) * radix + padded[1 : size + 1], ok
-
-
-def _bigram_table(padded: np.ndarray, room: np.ndarray, radix: int) -> pl.DataFrame:
-    """Counts of one shard's bigrams: columns ``k`` (Int64, 2 base-``radix`` digits) and ``c`` (Int64)."""
-    keys, ok = _bigram_keys(padded, room, radix)
-    return pl.Series("k", keys[ok]).to_frame().lazy().group_by("k").agg(pl.len().cast(pl.Int64).alias("c")).collect()
-
-
-def _window_table(padded: np.ndarray, room: np.ndarray, max_n: int, radix: int, dtype,
-                  bigrams: pl.Series) -> pl.DataFrame:
+def _window_table(padded: np.ndarray, room: np.ndarray, max_n: int, radix: int, dtype) -> pl.DataFrame:
     """Counts of one shard's windows: the ``max_n`` tokens from each position, cut before the first
-    bigram that is not in ``bigrams`` (the corpus' frequent ones; this also cuts at the document's end
-    and at tokens below tau), kept when at least 3 tokens long.
+    token below tau or the document's end, kept when at least 2 tokens long.
 
     ``padded``, ``room`` : see :func:`_relabelled`. A window is packed as ``max_n`` base-``radix``
-    digits, 0 after the cut (so a key's leading n digits are the n-gram at that position, when its
-    n-th digit is not 0). Returns columns ``k`` (``dtype``) and ``c`` (Int64). Every level n >= 3 is
-    derived from this one table: one hash group-by over the positions instead of one per level.
+    digits, 0 after the cut (so a key's leading n digits are the n-gram at that position when its
+    n-th digit is not 0). Returns columns ``k`` (``dtype``) and ``c`` (Int64). Every level is derived
+    from this one table: a single hash group-by over the shard's positions.
     """
     size = room.size
-    keys, ok = _bigram_keys(padded, room, radix)
-    frequent = np.zeros(size + max_n, dtype=bool)  # the bigram at p is frequent
-    frequent[np.flatnonzero(ok)] = pl.Series(keys[ok]).is_in(bigrams.implode()).to_numpy()
-    del keys, ok
-    alive = frequent[:size] & frequent[1 : size + 1]
-    starts = alive.copy()
+    starts = (padded[:size] != 0) & (padded[1 : size + 1] != 0) & (room >= 2)
+    live = starts.copy()
     halves = []
     split = max_n if dtype == pl.Int64 else max_n // 2  # Int128: two int64 halves, joined below
     for lo, hi in ((0, split), (split, max_n)):
         if lo == hi:
             continue
         key = np.zeros(size, dtype=np.int64)
-        for j in range(lo, hi):
-            if j >= 3:  # digit j needs the bigram (j-1, j) frequent too
-                alive &= frequent[j - 1 : j - 1 + size]
+        for j in range(lo, hi):  # whole-array slices: faster than gathering at the starts
+            digit = padded[j : j + size]
+            if j >= 2:  # the window goes on while its tokens are frequent and in the document
+                live &= (digit != 0) & (room > j)
+                digit = np.where(live, digit, 0)
             key *= radix
-            key += np.where(alive, padded[j : j + size], 0)
+            key += digit
         halves.append(pl.Series(key[starts]))
         del key
     if len(halves) == 1:
@@ -256,11 +227,11 @@ def _level_table(windows: pl.DataFrame, n: int, max_n: int, radix: int, prefixes
     dtype = windows.schema["k"]
     gram = pl.col("k") // pl.lit(radix ** (max_n - n), dtype=dtype)
     table = windows.lazy().filter(gram % pl.lit(radix, dtype=dtype) != 0)  # windows of >= n tokens
+    if prefixes is not None:  # Apriori: an n-gram can reach tau only if its (n-1)-prefix does, corpus-wide
+        prefix = (pl.col("k") // pl.lit(radix ** (max_n - n + 1), dtype=dtype)).cast(prefixes.dtype)
+        table = table.filter(prefix.is_in(prefixes.implode()))
     if n < max_n:  # full windows are unique keys already
         table = table.group_by(gram.alias("k")).agg(pl.col("c").sum())
-    if prefixes is not None:  # Apriori: an n-gram can reach tau only if its (n-1)-prefix does, corpus-wide
-        prefix = (pl.col("k") // pl.lit(radix, dtype=dtype)).cast(prefixes.dtype)
-        table = table.filter(prefix.is_in(prefixes.implode()))
     fits = radix**n < 2**63
     return table.with_columns(pl.col("k").cast(pl.Int64)).collect() if fits and dtype != pl.Int64 else table.collect()
 
