@@ -46,6 +46,26 @@ def test_parameter_count_with_token_processor():
     assert n > D + 3 * D * D
 
 
+def test_span_positions_start_as_the_paper_module_and_then_tell_order_apart():
+    x, mask, _ = spans()
+    plain = randomize(MergeModule(MergerConfig(hidden_size=D, num_heads=H)), seed=4)
+    m = MergeModule(MergerConfig(hidden_size=D, num_heads=H, span_positions=True))
+    m.load_state_dict(plain.state_dict(), strict=False)  # the position table stays at its zero init
+    assert sum(p.numel() for p in m.parameters()) == D + 3 * D * D + 4 * D
+    torch.testing.assert_close(m(x, mask), plain(x, mask))
+    swapped = x.clone()
+    swapped[:, [0, 1]] = x[:, [1, 0]]  # reverse the first two tokens of every span
+    first = mask[:, 1] & ~mask[:, 2]  # 2-token spans: swapping reverses them
+    torch.testing.assert_close(plain(swapped, mask)[first], plain(x, mask)[first])  # the paper's pooling: blind
+    with torch.no_grad():
+        m.span_position.copy_(torch.randn(4, D))
+    assert not torch.allclose(m(swapped, mask)[first], m(x, mask)[first], atol=1e-3)
+    # the table is indexed from the span's end: the last real token always gets row 0
+    y = torch.zeros(1, 4, D)
+    one_pad = torch.tensor([[True, True, True, False]])
+    torch.testing.assert_close(m(y, one_pad), m(y[:, :3]))
+
+
 def test_heads_must_divide_hidden_size():
     with pytest.raises(ValueError, match="divisible"):
         MergeModule(MergerConfig(hidden_size=10, num_heads=4))
@@ -80,9 +100,10 @@ def test_padding_content_is_ignored(trained):
     assert not torch.allclose(m(x, mask)[0], m(changed, mask)[0])
 
 
-@pytest.mark.parametrize("token_processor", [False, True])
-def test_batched_equals_one_span_at_a_time(token_processor):
-    m = randomize(MergeModule(MergerConfig(hidden_size=D, num_heads=H, token_processor=token_processor)), seed=1)
+@pytest.mark.parametrize("token_processor,span_positions", [(False, False), (True, False), (False, True)])
+def test_batched_equals_one_span_at_a_time(token_processor, span_positions):
+    cfg = MergerConfig(hidden_size=D, num_heads=H, token_processor=token_processor, span_positions=span_positions)
+    m = randomize(MergeModule(cfg), seed=1)
     x, mask, lens = spans(seed=3)
     batched = m(x, mask)
     for i, n in enumerate(lens.tolist()):
@@ -119,10 +140,11 @@ def test_empty_batch_of_spans():
 # -- persistence -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("token_processor", [False, True])
-def test_save_load_round_trip(tmp_path, token_processor, tiny_tokenizer):
+@pytest.mark.parametrize("token_processor,span_positions", [(False, False), (True, False), (False, True)])
+def test_save_load_round_trip(tmp_path, token_processor, span_positions, tiny_tokenizer):
     fp = tokenizer_fingerprint(tiny_tokenizer)
-    cfg = MergerConfig(hidden_size=D, num_heads=H, token_processor=token_processor, lm_name="tiny-lm", tokenizer=fp)
+    cfg = MergerConfig(hidden_size=D, num_heads=H, token_processor=token_processor, span_positions=span_positions,
+                       lm_name="tiny-lm", tokenizer=fp)
     m = randomize(MergeModule(cfg), seed=2)
     path = m.save_pretrained(tmp_path / "merger")
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])

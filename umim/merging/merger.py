@@ -7,6 +7,11 @@ the optional token processor it has exactly ``d + 3 d^2`` parameters: the query 
 Initialisation: ``W_v = W_o = I`` and a zero query, so an untrained merger returns the mean of
 the span embeddings (a sensible baseline to measure training against); ``W_k`` is random so the
 query gradient is not zero.
+
+The paper's pooling is permutation-invariant: "a b" and "b a" get one surrogate, and it cannot tell
+the span's last token (the one the LM predicts from) from the others. ``span_positions`` (our
+extension, off by default) adds a learned vector per distance from the span's end to each token
+before pooling: ``MAX_N * d`` parameters, zero at initialisation, so it starts as the paper's module.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class MergerConfig:
     """Attention heads h (paper: 4); must divide hidden_size."""
     token_processor: bool = False
     """Apply Pseudocode 2's per-token MLP + GELU + LayerNorm before pooling."""
+    span_positions: bool = False
+    """Add a learned embedding of each token's distance from the span's end before pooling."""
     lm_name: str = ""
     """Name of the LM the merger is trained for (informational)."""
     tokenizer: dict | None = None
@@ -71,10 +78,13 @@ class MergeModule(SpanEncoder):
         self.token_processor = (
             nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d)) if config.token_processor else None
         )
+        self.span_position = nn.Parameter(torch.zeros(self.max_span, d)) if config.span_positions else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.query)
+        if self.span_position is not None:
+            nn.init.zeros_(self.span_position)
         nn.init.normal_(self.k_proj.weight, std=1.0 / math.sqrt(self.config.hidden_size))
         with torch.no_grad():
             self.v_proj.weight.copy_(torch.eye(self.config.hidden_size))
@@ -97,6 +107,10 @@ class MergeModule(SpanEncoder):
         ``span_mask`` [N, n_max] marks (default: all), in their dtype (:meth:`SpanEncoder.forward`)."""
         N, n, d = span_embeds.shape
         x = span_embeds.to(self.k_proj.weight.dtype)
+        if self.span_position is not None:  # row j of the table: j tokens before the span's last one
+            real = torch.full((N,), n, device=x.device) if span_mask is None else span_mask.sum(-1)
+            from_end = (real[:, None] - 1 - torch.arange(n, device=x.device)[None]).clamp(0, self.max_span - 1)
+            x = x + self.span_position[from_end]
         if self.token_processor is not None:
             x = self.token_processor(x)
         k = self.k_proj(x).view(N, n, self.num_heads, self.head_dim)
