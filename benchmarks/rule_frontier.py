@@ -34,15 +34,16 @@ import torch
 
 
 def evaluate(lm, merger, subsets: dict, blocks: np.ndarray, batch_size: int = 4) -> dict:
-    """Per subset: TR on ``blocks`` [N, L], mean KL over all student positions, and mean NLL of the
-    next original token for student and teacher at the student positions that have one."""
+    """Per subset: TR on ``blocks`` [N, L], mean KL over all student positions, and at the student
+    positions that have a next original token: mean NLL of it for student and teacher (``dnll``, and
+    ``ppl_rise`` = exp(dnll) - 1, the perplexity increase) and the top-1 agreement of their argmaxes."""
     from umim.merging.batch import build_merged_batch
     from umim.merging.span_encoder import RuleSegmenter
     from umim.rules.cost import position_kl
     from umim.training.distillation import teacher_hidden
 
     head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
-    acc = {k: {"kl": 0.0, "pos": 0, "nll_s": 0.0, "nll_t": 0.0, "tgt": 0, "tokens": 0} for k in subsets}
+    acc = {k: {"kl": 0.0, "pos": 0, "nll_s": 0.0, "nll_t": 0.0, "top1": 0, "tgt": 0, "tokens": 0} for k in subsets}
     N, L = blocks.shape
     for i in range(0, N, batch_size):
         ids = torch.from_numpy(blocks[i : i + batch_size]).to(lm.device)
@@ -66,13 +67,16 @@ def evaluate(lm, merger, subsets: dict, blocks: np.ndarray, batch_size: int = 4)
                 a["tokens"] += B * L
                 has = tp + 1 < L  # the next original token exists
                 tgt = ids[b[has], tp[has] + 1]
-                for key, h in (("nll_s", sh[has]), ("nll_t", th[has])):
-                    for j in range(0, len(tgt), 256):
-                        logp = torch.log_softmax(head(h[j : j + 256]).float(), -1)
-                        a[key] += float(-logp.gather(1, tgt[j : j + 256, None]).sum())
+                for j in range(0, len(tgt), 256):
+                    part = slice(j, j + 256)
+                    ls, lt = (torch.log_softmax(head(h[has][part]).float(), -1) for h in (sh, th))
+                    a["nll_s"] += float(-ls.gather(1, tgt[part, None]).sum())
+                    a["nll_t"] += float(-lt.gather(1, tgt[part, None]).sum())
+                    a["top1"] += int((ls.argmax(-1) == lt.argmax(-1)).sum())
                 a["tgt"] += int(has.sum())
     return {k: {"tr": 1 - a["pos"] / a["tokens"], "kl": a["kl"] / a["pos"],
-                "dnll": (a["nll_s"] - a["nll_t"]) / a["tgt"], "nll_teacher": a["nll_t"] / a["tgt"]}
+                "dnll": (a["nll_s"] - a["nll_t"]) / a["tgt"], "nll_teacher": a["nll_t"] / a["tgt"],
+                "ppl_rise": math.exp((a["nll_s"] - a["nll_t"]) / a["tgt"]) - 1, "top1": a["top1"] / a["tgt"]}
             for k, a in acc.items()}
 
 
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--score_blocks", type=int, default=48, help="train blocks scored when --costs is not given")
     p.add_argument("--test_blocks", type=int, default=16, help="test-split blocks evaluated")
     p.add_argument("--block_size", type=int, default=256)
-    p.add_argument("--trs", type=float, nargs="+", default=[0.05, 0.10, 0.15])
+    p.add_argument("--trs", type=float, nargs="+", default=[0.05, 0.10, 0.15, 0.20])
     p.add_argument("--priors", type=float, nargs="*", default=[4.0],
                    help="also rank by costs shrunk by these pseudo saved positions (select-rules --prior)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -144,12 +148,14 @@ def main(argv=None) -> int:
     f = res[("all", None)]
 
     def frontier(kind: str, metric: str, x: float) -> float:
-        """``metric`` of method ``kind`` at test TR ``x``, linear between its points, (0, 0) and all rules."""
-        pts = sorted([(0.0, 0.0), (f["tr"], f[metric])] + [(res[(kind, t)]["tr"], res[(kind, t)][metric])
-                                                            for t in a.trs])
+        """``metric`` of method ``kind`` at test TR ``x``, linear between its points, TR 0 (the teacher:
+        top-1 1, else 0) and all rules."""
+        pts = sorted([(0.0, float(metric == "top1")), (f["tr"], f[metric])]
+                     + [(res[(kind, t)]["tr"], res[(kind, t)][metric]) for t in a.trs])
         return float(np.interp(x, *zip(*pts)))
 
-    head = (f"{'method':>14} {'target':>6} {'rules':>6} {'TR sel':>6} {'TR test':>7} {'KL':>7} {'dNLL':>7} | "
+    head = (f"{'method':>14} {'target':>6} {'rules':>6} {'TR sel':>6} {'TR test':>7} {'KL':>7} {'dNLL':>7} "
+            f"{'ppl+':>6} {'top1':>6} | "
             f"{'vs count at same test TR: KL':>28} {'dNLL':>6}")
     print(head)
     print("-" * len(head))
@@ -159,21 +165,23 @@ def main(argv=None) -> int:
             r = res[(kind, tr)]
             ck, cn = frontier("count", "kl", r["tr"]), frontier("count", "dnll", r["tr"])
             print(f"{kind:>14} {tr:6.0%} {chosen[(kind, tr)]['rules']:6d} {chosen[(kind, tr)]['tr_scoring_text']:6.1%} "
-                  f"{r['tr']:7.1%} {r['kl']:7.4f} {r['dnll']:7.4f} | {_ratio(r['kl'], ck):28.2f} "
+                  f"{r['tr']:7.1%} {r['kl']:7.4f} {r['dnll']:7.4f} {r['ppl_rise']:6.1%} {r['top1']:6.1%} | "
+                  f"{_ratio(r['kl'], ck):28.2f} "
                   f"{_ratio(r['dnll'], cn):6.2f}")
             rows.append({"method": kind, "target_tr": tr, **chosen[(kind, tr)],
                          **{f"test_{m}": v for m, v in r.items()},
                          "count_kl_at_same_test_tr": ck, "count_dnll_at_same_test_tr": cn})
-    print(f"{'all rules':>14} {'':>6} {len(model.rules):6d} {'':>6} {f['tr']:7.1%} {f['kl']:7.4f} {f['dnll']:7.4f} | "
+    print(f"{'all rules':>14} {'':>6} {len(model.rules):6d} {'':>6} {f['tr']:7.1%} {f['kl']:7.4f} {f['dnll']:7.4f} "
+          f"{f['ppl_rise']:6.1%} {f['top1']:6.1%} | "
           f"teacher NLL {f['nll_teacher']:.3f} nats/token")
     rows.append({"method": "all", "target_tr": None, "rules": len(model.rules),
                  **{f"test_{m}": v for m, v in f.items()}})
     at = sorted({0.05, 0.10} | set(a.trs))
-    print("\nfrontiers at equal test TR (interpolated; KL / dNLL):")
+    print("\nfrontiers at equal test TR (interpolated; KL / dNLL / top-1):")
     for x in at:
         print(f"  TR {x:4.0%}: " + "; ".join(f"{kind} {frontier(kind, 'kl', x):.4f} / {frontier(kind, 'dnll', x):.4f}"
-                                            for kind in orders))
-    equal = {f"{x:.2f}": {kind: {"kl": frontier(kind, "kl", x), "dnll": frontier(kind, "dnll", x)} for kind in orders}
+                                            f" / {frontier(kind, 'top1', x):.1%}" for kind in orders))
+    equal = {f"{x:.2f}": {kind: {m: frontier(kind, m, x) for m in ("kl", "dnll", "top1")} for kind in orders}
              for x in at}
     print(f"wall: load, blocks, selection {t1 - t0 - scored_here:.0f} s, "
           f"scoring {scored_here:.0f} s, evaluation {t2 - t1:.0f} s ({a.threads} thread(s))")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -67,9 +68,12 @@ def build_cli(args: list[str] | None, cli_class: type[UMIMCLI] = UMIMCLI, **kwar
     """
     argv = sys.argv[1:] if args is None else list(args)
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    if names_model_class(argv):
-        return cli_class(None, None, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)
-    return cli_class(UMIMDistillation, UMIMDataModule, args=args, **kwargs)
+    with warnings.catch_warnings():
+        # `umim` hands LightningCLI the argv it dispatched on; Lightning warns whenever both are set
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        if names_model_class(argv):
+            return cli_class(None, None, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)
+        return cli_class(UMIMDistillation, UMIMDataModule, args=args, **kwargs)
 
 
 COMMANDS = {
