@@ -144,7 +144,8 @@ def _count(shards: Sequence[Shard], n_values: Iterable[int], min_count: int, pro
             del part
         table = table.filter(pl.col("c") >= min_count)
         if n in n_values:
-            table = table.sort(["c", "k"], descending=[True, False])  # packed keys sort as their token ids do
+            # packed keys sort as their token ids do; two one-key sorts (the second stable) beat one two-key sort
+            table = table.sort("k").sort("c", descending=True, maintain_order=True)
             out[n] = (frequent[_digits(table["k"], radix, n) - 1], table["c"].to_numpy().astype(np.int64))
         prefixes = table["k"]
     return out, tokens
