@@ -20,25 +20,35 @@ included: :meth:`MergedLM.prefill`) vs the unmerged prefill (one forward of the 
 token, the unmerged one HF ``generate``'s. Ratio = t_unmerged / t_merged per round (alternating
 order), against the goal ``0.9 / (1 - TR_prompt)``.
 
+TTFT-only cases (``--ttft-cases``, PROMPTxBATCH: longer prompts, no decode): the same timing
+(:func:`ttft`), verified against references that share no code with the timed paths: the unmerged
+prefill's greedy token must be HF ``generate``'s first token (``max_new_tokens=1``), the merged
+prefill's the greedy token of one plain forward over each row's merged sequence (its surrogate
+embeddings, no cache, no padding).
+
 Prompts are held-out Python-docs paragraphs (the embedded default's domain), concatenated and cut
 to W_tok tokens; the merger and rules come from the default run (``runs/default``).
 
 Usage::
 
     python benchmarks/bench_decode.py [--model embedded] [--run-dir runs/default]
-        [--cases 128+64x1,128+64x8] [--repeat 4] [--json OUT]
+        [--cases 128+64x1,128+64x8] [--ttft-cases 512x1,1024x1] [--repeat 4] [--threads N] [--json OUT]
     python benchmarks/bench_decode.py --cases 128+64x32 --repeat 2   # batch 32
+    python benchmarks/bench_decode.py --cases "" --ttft-cases 512x1,512x8   # time to first token only
+    python benchmarks/bench_decode.py --threads 1   # steadier ratios on a shared machine
 
-The defaults finish in a few minutes on 2 CPU cores. Outputs are verified before any timing: ``none``
-must decode HF ``generate``'s tokens (dynamic merging equals recomputing its merged sequence; the
-test suite checks that). Each round runs the methods in a rotated order, and the ratios
-(speed of one method over another) are reported per round as min / median / max.
+The defaults (two decode cases, two TTFT-only cases) finish in a few minutes on 2 CPU cores.
+Outputs are verified before any timing: ``none`` must decode HF ``generate``'s tokens (dynamic
+merging equals recomputing its merged sequence; the test suite checks that). Each round runs the
+methods in a rotated order, and the ratios (speed of one method over another) are reported per
+round as min / median / max.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 
@@ -125,7 +135,8 @@ def cold(m: MergedLM) -> MergedLM:
 
 
 def ttft(m: MergedLM, prompts: list[list[int]], hf_first: list[int], dyn_first: list[int], repeat: int) -> dict:
-    """Time to first token, merged (matcher + merger + prefill) vs unmerged prefill, verified first;
+    """Time to first token, merged (matcher + merger + prefill) vs unmerged prefill, verified first
+    (the unmerged prefill's greedy tokens [B] must be ``hf_first``, the merged one's ``dyn_first``);
     ``repeat`` rounds in alternating order."""
     lm = m.lm
     ids = torch.tensor(prompts, device=lm.device)
@@ -136,7 +147,7 @@ def ttft(m: MergedLM, prompts: list[list[int]], hf_first: list[int], dyn_first: 
     }
     with torch.no_grad():
         if runs["unmerged"]().tolist() != hf_first or runs["merged"]().tolist() != dyn_first:
-            raise SystemExit("time to first token: a prefill's first token differs from its decode's; no timing")
+            raise SystemExit("time to first token: a prefill's first token differs from its reference's; no timing")
         times = {k: [] for k in runs}
         for r in range(repeat):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
@@ -150,31 +161,72 @@ def ttft(m: MergedLM, prompts: list[list[int]], hf_first: list[int], dyn_first: 
             "ttft_goal": 0.9 / (1 - tr_prompt)}
 
 
+def reference_first_tokens(m: MergedLM, prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """[B] first new tokens of ``prompts`` by paths :func:`ttft` does not time: HF ``generate``
+    (greedy, ``max_new_tokens=1``) on the token ids, and one plain forward per row over its merged
+    sequence (the rules' segmentation, surrogates from the merger; no cache, no padding)."""
+    lm, tok = m.lm, m.tokenizer
+    ids = torch.tensor(prompts, device=lm.device)
+    hf = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                     pad_token_id=tok.eos_token_id)[:, -1].tolist()
+    with torch.no_grad():
+        merged = [int(lm(inputs_embeds=m.segment_embeds(p, m.rules.segment(p))[None], use_cache=False,
+                         logits_to_keep=1).logits[0, -1].argmax()) for p in prompts]
+    return hf, merged
+
+
+def ttft_case(m: MergedLM, w: int, batch: int, repeat: int = 4) -> dict:
+    """A TTFT-only case: ``batch`` held-out prompts of ``w`` tokens, no decode; see :func:`ttft`."""
+    prompts = _prompts(m.tokenizer, w, batch)
+    hf_first, merged_first = reference_first_tokens(m, prompts)
+    return {"prompt_tokens": w, "batch": batch, "rounds": repeat, **ttft(m, prompts, hf_first, merged_first, repeat)}
+
+
+def parse_cases(text: str, option: str, example: str) -> list[tuple[str, list[int]]]:
+    """``(case, numbers)`` of each item of a comma list of cases in the form of ``example`` (e.g.
+    ``128+64x8``: numbers separated as there); an empty list is allowed."""
+    form = re.sub(r"\d+", r"(\\d+)", re.escape(example))
+    out = []
+    for case in filter(None, (c.strip() for c in text.split(","))):
+        match = re.fullmatch(form, case)
+        if not match or not all(int(n) > 0 for n in match.groups()):
+            raise SystemExit(f"{option} {case!r}: give positive numbers in the form {example}")
+        out.append((case, [int(n) for n in match.groups()]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--run-dir", default="runs/default")
-    ap.add_argument("--cases", default="128+64x1,128+64x8", help="comma list of PROMPT+NEWxBATCH")
+    ap.add_argument("--cases", default="128+64x1,128+64x8", help="comma list of PROMPT+NEWxBATCH (may be empty)")
+    ap.add_argument("--ttft-cases", default="512x1,1024x1",
+                    help="comma list of PROMPTxBATCH: time to first token only, no decode (may be empty)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeat", type=int, default=4, help="rounds, each in a rotated order of the methods")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); 1 keeps a shared machine's load from stalling "
+                         "the threads' barriers, so ratios measured there are steadier")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.threads is not None:
+        if a.threads < 1:
+            raise SystemExit(f"--threads {a.threads}: give a positive number of threads")
+        torch.set_num_threads(a.threads)
+    cases = parse_cases(a.cases, "--cases", "128+64x8")
+    ttft_cases = parse_cases(a.ttft_cases, "--ttft-cases", "512x8")
 
     m = MergedLM.load(LMSpec(a.model, dtype=a.dtype), run_dir=a.run_dir)
     if torch.cuda.is_available():
         m = MergedLM(m.lm.cuda(), m.tokenizer, m.merger, m.rules)
     m.generate("warm up", "dynamic", SamplingConfig(max_new_tokens=4))
-    rows = []
+    rows, ttft_rows = [], []
     fmt = "{:.3f}/{:.3f}/{:.3f}".format
-    print(f"{'case':<14}{'HF tok/s':>9}{'none':>7}{'dyn':>7}  {'none/HF min-med-max':<21}"
-          f"{'dyn/HF min-med-max':<21}{'dyn/none min-med-max':<22}{'TR %':>6}{'ideal':>7}{'KV ratio':>9}"
-          f"{'1-TR':>7}{'peak':>7}  {'TTFT unm/merged min-med-max':<29}{'goal':>6}{'TR_p %':>7}", flush=True)
-    for case in a.cases.split(","):
-        try:
-            wn, b = case.split("x")
-            (w, n), b = map(int, wn.split("+")), int(b)
-        except ValueError:
-            raise SystemExit(f"case {case!r}: give PROMPT+NEWxBATCH, e.g. 128+64x8") from None
+    if cases:
+        print(f"{'case':<14}{'HF tok/s':>9}{'none':>7}{'dyn':>7}  {'none/HF min-med-max':<21}"
+              f"{'dyn/HF min-med-max':<21}{'dyn/none min-med-max':<22}{'TR %':>6}{'ideal':>7}{'KV ratio':>9}"
+              f"{'1-TR':>7}{'peak':>7}  {'TTFT unm/merged min-med-max':<29}{'goal':>6}{'TR_p %':>7}", flush=True)
+    for case, (w, n, b) in cases:
         r = run_case(m, w, n, b, a.repeat)
         rows.append(r)
         print(f"{case:<14}{r['hf_tok_s']:>9.1f}{r['none_tok_s']:>7.1f}{r['dynamic_tok_s']:>7.1f}  "
@@ -182,9 +234,17 @@ def main() -> None:
               f"{100 * r['tr']:>6.1f}{r['ideal_speedup']:>7.3f}{r['kv_ratio']:>9.3f}{1 - r['tr']:>7.3f}"
               f"{r['peak_kv_ratio']:>7.3f}  {fmt(*r['ttft_ratio']):<29}{r['ttft_goal']:>6.3f}"
               f"{100 * r['tr_prompt']:>7.1f}", flush=True)
+    if ttft_cases:
+        print(f"{'TTFT case':<14}{'unmerged s':>11}{'merged s':>10}  {'TTFT unm/merged min-med-max':<29}"
+              f"{'goal':>6}{'TR_p %':>7}", flush=True)
+    for case, (w, b) in ttft_cases:
+        r = ttft_case(m, w, b, a.repeat)
+        ttft_rows.append(r)
+        print(f"{case:<14}{r['ttft_unmerged_s']:>11.3f}{r['ttft_merged_s']:>10.3f}  {fmt(*r['ttft_ratio']):<29}"
+              f"{r['ttft_goal']:>6.3f}{100 * r['tr_prompt']:>7.1f}", flush=True)
     if a.json:
         write_text_atomic(a.json, json.dumps({"device": str(m.lm.device), "threads": torch.get_num_threads(),
-                                              "cases": rows}, indent=2))
+                                              "cases": rows, "ttft_cases": ttft_rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -283,13 +283,15 @@ class MergedLM:
     def segment_embeds(self, ids: list[int], segments: list[tuple[int, int]]) -> torch.Tensor:
         """[S, d] embeddings of a segmented sequence; spans take their (cached) surrogates."""
         dev = self.lm.device
-        spans = [(i, tuple(ids[s : s + n])) for i, (s, n) in enumerate(segments) if n > 1]
+        at = [i for i, (_, n) in enumerate(segments) if n > 1]  # segment index of each span
+        grams = [tuple(ids[s : s + n]) for s, n in segments if n > 1]
         with torch.no_grad():
-            starts = torch.tensor([s for s, _ in segments], device=dev)
-            out = self.embed(torch.tensor(ids, device=dev)[starts])
-            self._fill_surrogates([g for _, g in spans])
-            for i, g in spans:
-                out[i] = self._surrogates[g]
+            # both index copies first: a host-to-device copy waits for the work queued before it (the merger)
+            first, at = (torch.tensor(x, dtype=torch.long, device=dev) for x in ([ids[s] for s, _ in segments], at))
+            out = self.embed(first)
+            if grams:  # one scatter of the stacked surrogates, not one copy per span
+                self._fill_surrogates(grams)
+                out[at] = torch.stack([self._surrogates[g] for g in grams])
         return out
 
     def _merge_length(self, tail: list[int], tok: int) -> int:

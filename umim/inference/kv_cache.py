@@ -98,6 +98,7 @@ class RaggedKV:
         self._write = self._read = self._keep = None
         self._planned = False  # a plan serves one forward: its layer 0 update consumes it
         self._packed = True
+        self._fresh = False  # the planned prefill is the cache's first: its slots are 1..n in order
 
     # -- planning --------------------------------------------------------------------------------
     def _take(self, n: int) -> torch.Tensor:
@@ -111,22 +112,32 @@ class RaggedKV:
         taken, self.free = self.free[len(self.free) - n :], self.free[: len(self.free) - n]
         return taken
 
-    def plan_prefill(self, lens: torch.Tensor) -> None:
-        """The next forward feeds B rows of ``lens`` [B] entries, right-padded to S = max; the cache must be empty."""
+    def plan_prefill(self, lens: torch.Tensor) -> torch.Tensor | None:
+        """The next forward feeds B rows of ``lens`` [B] entries, right-padded to S = max; the cache must be empty.
+
+        Returns
+        -------
+        [n] long (on the device): flat indices into the forward's [B * S] entries of the n real ones,
+        row by row; None when no row is padded (all are real).
+        """
         if self.table.numel():
             raise ValueError("prefill needs an empty cache")
         lens = lens.cpu()
-        S = int(lens.max())
+        S, n = int(lens.max()), int(lens.sum())
         fed = torch.arange(S)[None] < lens[:, None]  # [B, S] where the forward's entries are real
         self.valid = fed.flip(1)  # the table is right-packed
         self.table = torch.zeros(fed.shape, dtype=torch.long)
         # both masks list the entries row by row in sequence order, the order update() writes in
-        self.table[self.valid] = self._take(int(lens.sum()))
+        slots = self._take(n)
+        self.table[self.valid] = slots
         self._packed = True
+        # a first prefill takes slots 1..n in order: update() then writes each pool in one strided copy
+        self._fresh = not self.keys and self.capacity == n and torch.equal(slots, torch.arange(1, n + 1))
         # flat [B*S] indices of the real entries, made on the host (a boolean index on the device would sync)
-        keep = fed.flatten().nonzero().squeeze(1)
-        self._write, self._read, self._keep = self.table[self.valid].to(self.device), None, keep.to(self.device)
+        keep = None if n == fed.numel() else fed.flatten().nonzero().squeeze(1).to(self.device)
+        self._write, self._read, self._keep = slots.to(self.device), None, keep
         self._planned = True
+        return keep
 
     def plan_step(self, live: torch.Tensor) -> None:
         """The next forward feeds one entry per row; ``live`` [B] bool: kept (finished rows' entries go to scratch)."""
@@ -138,7 +149,7 @@ class RaggedKV:
         self.valid = torch.cat([self.valid, live[:, None]], 1)
         self._packed = bool(live.all())
         self._write, self._read = new.to(self.device), self.table.flatten().to(self.device)
-        self._planned = True
+        self._planned, self._fresh = True, False
 
     # -- the model's side ------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -151,14 +162,24 @@ class RaggedKV:
             self._planned = False
         out = []
         for pools, states in ((self.keys, key_states), (self.values, value_states)):
+            rows = states.transpose(1, 2)  # [B, q, H, D]
+            if self._read is None and self._fresh:  # a first prefill: scratch slot 0, then the entries in order
+                pools[layer_idx] = pool = states.new_empty(self.capacity + 1, *pool_shape(states))
+                pool[0] = 0
+                if self._keep is None:
+                    pool[1:].view(rows.shape).copy_(rows)
+                else:
+                    torch.index_select(rows.reshape(-1, *rows.shape[2:]), 0, self._keep, out=pool[1:])
+                out.append(states)
+                continue
             pool = pools.get(layer_idx)
             if pool is None or len(pool) <= self.capacity:  # zero-filled: masked slots must stay finite
                 fresh = states.new_zeros(self.capacity + 1 - (0 if pool is None else len(pool)), *pool_shape(states))
                 pool = fresh if pool is None else torch.cat([pool, fresh])
                 pools[layer_idx] = pool
-            rows = states.transpose(1, 2)  # [B, q, H, D]
             if self._read is None:  # prefill: store the valid entries, attend over the fresh rectangle
-                pool.index_copy_(0, self._write, rows.reshape(-1, *rows.shape[2:]).index_select(0, self._keep))
+                flat = rows.reshape(-1, *rows.shape[2:])
+                pool.index_copy_(0, self._write, flat if self._keep is None else flat.index_select(0, self._keep))
                 out.append(states)
             else:
                 pool.index_copy_(0, self._write, rows[:, 0])
@@ -216,7 +237,7 @@ class RaggedKV:
         """Drop the spare and freed slots: the pools then hold exactly the live entries (+ the scratch slot)."""
         self._pack()
         self._write = self._read = self._keep = None  # slots are renumbered: no plan survives
-        self._planned = False
+        self._planned = self._fresh = False
         live = self.table[self.valid]
         if len(live) == self.capacity:
             return
@@ -277,14 +298,25 @@ class MergingCache:
         Rows are right-padded to S = max S_b: under a plain causal mask a real entry never sees the
         padding after it, so no padding mask is needed and attention takes SDPA's is_causal path (a
         4-D padding mask cost ~5 % of a batch-8 prefill); the padding's outputs are neither stored
-        nor read."""
+        nor read. Rows of one length (batch 1 always) need no padding: the forward is then the model's
+        own, with ``logits_to_keep=1`` and no hook, and each layer's entries go to its pool in one copy."""
         B, S, e0 = len(embeds), max(len(e) for e in embeds), embeds[0]
         lens = torch.tensor([len(e) for e in embeds])
-        self.kv.plan_prefill(lens)
+        keep = self.kv.plan_prefill(lens)
         self.next_pos = lens.tolist()
-        padded = e0.new_zeros(B, S, e0.shape[-1])
-        padded[torch.arange(S, device=e0.device)[None] < lens.to(e0.device)[:, None]] = torch.cat(embeds)
+        if keep is None:  # no padding (always at batch 1): no scatter, no hook
+            padded = torch.stack(embeds)
+        else:  # scattered by the host-made index (a boolean index on the device would sync)
+            padded = e0.new_zeros(B, S, e0.shape[-1])
+            padded.view(B * S, -1).index_copy_(0, keep, torch.cat(embeds))
         positions = torch.arange(S, device=e0.device)[None].expand(B, S)
+
+        def forward():
+            return self.lm(inputs_embeds=padded, position_ids=positions, **cache_kwargs(self.lm, self.kv),
+                           use_cache=True, logits_to_keep=1)
+
+        if keep is None:
+            return forward().logits[:, -1].float()
         # the model's own head (with any logit scaling) runs once per row, on its last entry: a hook
         # hands it those rows (logits_to_keep would keep the same columns in every row)
         last = (lens - 1).to(e0.device)
@@ -295,11 +327,9 @@ class MergingCache:
 
         hook = self.lm.base_model.register_forward_hook(last_rows)
         try:
-            out = self.lm(inputs_embeds=padded, position_ids=positions, **cache_kwargs(self.lm, self.kv),
-                          use_cache=True, logits_to_keep=1)
+            return forward().logits[:, -1].float()
         finally:
             hook.remove()
-        return out.logits[:, -1].float()
 
     def step(self, embeds: torch.Tensor, live: list[bool]) -> torch.Tensor:
         """Feed one step ``embeds`` [B, 1, d] at each row's next position; [B, V] logits.
