@@ -21,10 +21,10 @@ token, the unmerged one HF ``generate``'s. Ratio = t_unmerged / t_merged per rou
 order), against the goal ``0.9 / (1 - TR_prompt)``.
 
 TTFT-only cases (``--ttft-cases``, PROMPTxBATCH: longer prompts, no decode): the same timing
-(:func:`ttft`), verified against references that share no code with the timed paths: the unmerged
-prefill's greedy token must be HF ``generate``'s first token (``max_new_tokens=1``), the merged
-prefill's the greedy token of one plain forward over each row's merged sequence (its surrogate
-embeddings, no cache, no padding).
+(:func:`ttft`), verified first: the unmerged prefill's greedy token must be HF ``generate``'s first
+token (``max_new_tokens=1``), the merged prefill's the greedy token of one plain forward over each
+row's merged sequence (built by ``MergedLM.segment_embeds``, as the timed path is: no cache, no
+padding, no ragged KV; the test suite checks the surrogates themselves).
 
 Prompts are held-out Python-docs paragraphs (the embedded default's domain), concatenated and cut
 to W_tok tokens; the merger and rules come from the default run (``runs/default``).

@@ -67,9 +67,10 @@ def evaluate(lm, merger, subsets: dict, blocks: np.ndarray, batch_size: int = 4)
                 a["tokens"] += B * L
                 has = tp + 1 < L  # the next original token exists
                 tgt = ids[b[has], tp[has] + 1]
+                sh_t, th_t = sh[has], th[has]
                 for j in range(0, len(tgt), 256):
                     part = slice(j, j + 256)
-                    ls, lt = (torch.log_softmax(head(h[has][part]).float(), -1) for h in (sh, th))
+                    ls, lt = (torch.log_softmax(head(h[part]).float(), -1) for h in (sh_t, th_t))
                     a["nll_s"] += float(-ls.gather(1, tgt[part, None]).sum())
                     a["nll_t"] += float(-lt.gather(1, tgt[part, None]).sum())
                     a["top1"] += int((ls.argmax(-1) == lt.argmax(-1)).sum())

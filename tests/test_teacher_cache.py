@@ -188,10 +188,11 @@ def test_cache_is_not_in_checkpoints_and_serves_validation_and_later_epochs(tiny
     assert copied.budget == cache.budget and not copied.rows and copied.used == 0
 
 
-def test_negative_budget_is_refused(tiny):
+@pytest.mark.parametrize("budget", [-1, float("nan"), float("inf")])
+def test_a_budget_that_is_not_a_finite_size_is_refused(tiny, budget):
     root, _ = tiny
     with pytest.raises(UserError, match="teacher_cache_mb"):
-        UMIMDistillation(lm=LMSpec(str(root / "lm")), teacher_cache_mb=-1)
+        UMIMDistillation(lm=LMSpec(str(root / "lm")), teacher_cache_mb=budget)
     assert UMIMDistillation(lm=LMSpec(str(root / "lm"))).teacher_cache is None
     assert TeacherCache(1).budget == 2**20
 

@@ -69,7 +69,9 @@ def build_cli(args: list[str] | None, cli_class: type[UMIMCLI] = UMIMCLI, **kwar
     argv = sys.argv[1:] if args is None else list(args)
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     with warnings.catch_warnings():
-        # `umim` hands LightningCLI the argv it dispatched on; Lightning warns whenever both are set
+        # `umim` hands LightningCLI the argv it dispatched on; Lightning warns whenever both are set.
+        # LightningCLI runs the whole command inside its constructor, so this filter (of that one
+        # message) spans the fit
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         if names_model_class(argv):
             return cli_class(None, None, subclass_mode_model=True, subclass_mode_data=True, args=args, **kwargs)

@@ -85,8 +85,9 @@ def count_ngrams_sharded(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """:func:`count_ngrams` of the concatenation of ``shards``, reading one shard at a time.
 
-    Each shard is loaded once per pass (``max(n_values)`` passes; a single shard only once) and
-    dropped before the next is loaded; documents never span two shards. Returns the same layout as
+    Each shard is loaded once per pass (``max(n_values)`` passes: unigrams, then one per level; a single
+    shard twice: unigrams, then its window table, which serves every level) and dropped before the
+    next is loaded; documents never span two shards. Returns the same layout as
     :func:`count_ngrams`.
     """
     return _count(shards, n_values, min_count, progress)[0]

@@ -14,6 +14,7 @@ module (batches segmented by the merge rules in the data module), and
 from __future__ import annotations
 
 import hashlib
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -56,7 +57,8 @@ class TeacherCache:
 
     A row is keyed by its content (a hash of its valid token ids and its length), never by its place
     in a batch, so hits are right under shuffling, resume, any rank and any stage. Values are the
-    teacher's own output (its dtype, valid positions only), so a hit gives the bits a forward would.
+    teacher's own output (its dtype, valid positions only), so a hit gives the bits of the forward that
+    stored it (a forward in another batch shape may differ by rounding).
     The cache is a plain attribute, never a module state: it is not in state dicts or checkpoints.
     Each process (DDP/FSDP rank) holds its own cache of the rows it saw.
     """
@@ -93,12 +95,11 @@ class TeacherCache:
         if self._lm_ref is None or self._lm_ref() is not lm or state != self._lm_state:
             self.clear()
             self._lm_ref, self._lm_state = weakref.ref(lm), state
-            # a sharded (FSDP) LM all-gathers its weights in every forward: all ranks must run it together
-            self._collective = torch.distributed.is_available() and torch.distributed.is_initialized()
-            if self._collective:
-                from torch.distributed.tensor import DTensor
-
-                self._collective = any(isinstance(p, DTensor) for p in params)
+            # a sharded LM (FSDP2, or any other sharding) all-gathers its weights in every forward, so all
+            # ranks must run it together; agreeing costs one scalar all-reduce per step, so do it on any
+            # multi-process run rather than guess how the LM is sharded
+            dist = torch.distributed
+            self._collective = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _match_other_ranks(self, lm, batch: dict[str, torch.Tensor], missing: bool) -> None:
         """A sharded LM all-gathers its weights in every forward, so all ranks forward or none does: a rank
@@ -134,8 +135,10 @@ class TeacherCache:
                 computed = teacher_hidden(lm, {"input_ids": ids[idx], "lengths": lengths[idx]})  # [M, L, d]
                 out[idx] = computed
         self.forwarded_rows += len(miss)
-        for j, i in enumerate(miss):
-            self._store(keys[i], computed[j, : keys[i][0]])
+        if miss and self.used < self.budget:
+            host = computed.detach().to("cpu")  # one device-to-host copy per step, not one per row
+            for j, i in enumerate(miss):
+                self._store(keys[i], host[j, : keys[i][0]])
         return out
 
     def _store(self, key: tuple[int, bytes], row: torch.Tensor) -> None:
@@ -145,7 +148,7 @@ class TeacherCache:
         # order, so any eviction order (LRU, FIFO) would drop each row before its next use and never hit
         if key in self.rows or self.used + size > self.budget:
             return
-        self.rows[key] = row.detach().to("cpu", copy=True)  # a copy: a view would keep the whole batch alive
+        self.rows[key] = row.clone()  # a copy: a view would keep the whole batch alive
         self.used += size
 
 
@@ -200,7 +203,7 @@ class SpanDistillation(FrozenLMModule):
             seen, so a row seen again (validation blocks, later epochs) skips the teacher forward; the
             loss is unchanged. 0: off. A block of L tokens takes L x hidden size x the LM's dtype bytes.
         """
-        if teacher_cache_mb < 0:
+        if not math.isfinite(teacher_cache_mb) or teacher_cache_mb < 0:
             raise UserError(f"teacher_cache_mb must be >= 0 (MiB of CPU memory; 0 turns the cache off), "
                             f"got {teacher_cache_mb}")
         super().__init__(lm, lr, weight_decay, warmup_ratio, seed)
