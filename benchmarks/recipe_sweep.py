@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,23 +48,25 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER = "sweep.json"  # what makes a folder a sweep folder of this script
 FORMAT = "umim-recipe-sweep"
 RUN_CONFIG = "sweep_config.yaml"  # what makes a subfolder one of this script's runs
+RESERVED = (MARKER, "results.jsonl", "summary.md")  # the sweep folder's own files: no variant may be named so
 
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "baseline": ([], "the config as it is"),
-    "lr2x": (["--model.lr", "1.6e-3"], "learning rate x2"),
-    "lr_half": (["--model.lr", "4e-4"], "learning rate x0.5"),
-    "warmup20": (["--model.warmup_ratio", "0.2"], "schedule: 20% warmup instead of 5%"),
-    "sched_half": (["--trainer.max_steps", "45"], "schedule: cosine over 45 steps (ends there)"),
-    "block128": (["--data.block_size", "128", "--data.batch_size", "4"], "128-token blocks, same tokens per batch"),
-    "batch4": (["--data.batch_size", "4"], "twice the blocks per step"),
+    "lr2x": (["--model.lr", "1.6e-3"], "lr 1.6e-3 (2x conf/default.yaml's)"),
+    "lr_half": (["--model.lr", "4e-4"], "lr 4e-4 (0.5x conf/default.yaml's)"),
+    "warmup20": (["--model.warmup_ratio", "0.2"], "schedule: 20% warmup (conf/default.yaml: 5%)"),
+    "sched_half": (["--trainer.max_steps", "45"], "schedule: cosine over 45 steps, ends there (conf/default.yaml: 90)"),
+    "block128": (["--data.block_size", "128", "--data.batch_size", "4"],
+                 "4 blocks of 128 tokens per batch (conf/default.yaml: 2 of 256)"),
+    "batch4": (["--data.batch_size", "4"], "4 blocks per step (2x conf/default.yaml's)"),
     "token_processor": (["--model.merger.token_processor", "true"], "per-token MLP before pooling"),
     "span_positions": (["--model.merger.span_positions", "true"], "tokens' distance from the span end known"),
     "heads8": (["--model.merger.num_heads", "8"], "merger with 8 attention heads"),
     "heads2": (["--model.merger.num_heads", "2"], "merger with 2 attention heads"),
     "rules_intra": (["--data.mining.filters", "[intra]"], "rules without the inter filter (more merges)"),
     "tau10": (["--data.mining.min_count", "10"], "rules seen >= 10 times (fewer merges)"),
-    "corpus_quarter": (["--data.max_train_blocks", "98"], "a quarter of the training blocks"),
-    "teacher_cache": (["--model.teacher_cache_mb", "512"], "teacher outputs cached between epochs"),
+    "corpus_quarter": (["--data.max_train_blocks", "98"], "98 training blocks (a quarter of conf/default.yaml's)"),
+    "teacher_cache": (["--model.teacher_cache_mb", "512"], "teacher outputs cached between epochs (512 MiB)"),
 }
 """Built-in variants: name -> (overrides of ``umim fit``, what they change)."""
 
@@ -95,13 +96,20 @@ def _float(row: dict, key: str) -> float | None:
 
 
 def metrics_files(run: str | os.PathLike) -> list[Path]:
-    """The metrics.csv files of a run folder (``logs/version_*``, oldest first), or ``run`` itself if it is one."""
+    """The metrics.csv files of one run folder (its CSVLogger's ``logs/version_*``, oldest first), or ``run``
+    itself if it is one. A folder holding other runs' logs in subfolders (a sweep folder) is refused: their
+    curves would merge."""
     run = Path(run)
     if run.is_file():
         return [run]
-    files = sorted(run.glob("**/version_*/metrics.csv"), key=lambda p: (str(p.parent.parent), _version(p.parent)))
+    files = sorted(run.glob("logs/version_*/metrics.csv"), key=lambda p: _version(p.parent))
     if not files:
-        raise UserError(f"{run}: no metrics.csv under it (a `umim fit` folder with a CSVLogger, or the csv itself)")
+        runs = sorted({p.parent.parent.parent for p in run.glob("*/**/logs/version_*/metrics.csv")})
+        if runs:
+            raise UserError(f"{run}: holds the logs of {len(runs)} run(s) in subfolders (a sweep folder?), not "
+                            f"its own; pass one run folder, e.g. {runs[0]}")
+        raise UserError(f"{run}: no metrics.csv in its logs/version_*/ (a `umim fit` folder with a CSVLogger, "
+                        "or the csv itself)")
     return files
 
 
@@ -116,9 +124,18 @@ def read_curve(run: str | os.PathLike) -> list[Point]:
     A resumed run logs into a new ``version_*`` folder; later versions win at equal steps.
     """
     points: dict[int, Point] = {}
-    for path in metrics_files(run):
+    files, unvalidated = metrics_files(run), []
+    for path in files:
         with open(path, newline="") as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "step" not in header:
+                raise UserError(f"{path}: no 'step' column; give a metrics.csv of Lightning's CSVLogger "
+                                "from a `umim fit` run")
+            if "val/loss" not in header:  # a resumed version that stopped before validating is fine
+                unvalidated.append(path)
+                continue
+            for row in reader:
                 loss = _float(row, "val/loss")
                 if loss is None:
                     continue
@@ -127,6 +144,9 @@ def read_curve(run: str | os.PathLike) -> list[Point]:
                 top1 = _float(row, "val/top1")
                 points[step] = Point(step, _float(row, "time/train_s"), _float(row, "time/total_s"), loss,
                                      None if top1 is None else 100.0 * top1, _float(row, "val/tr"))
+    if len(unvalidated) == len(files):
+        raise UserError(f"{', '.join(map(str, unvalidated))}: no 'val/loss' column (no validation logged); "
+                        "give the metrics.csv of a `umim fit` run that validated")
     return [points[s] for s in sorted(points)]
 
 
@@ -243,10 +263,8 @@ def parse_error(config: Path, overrides: list[str]) -> str | None:
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)  # parsing seeds too; only the runs need to say so
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "LightningCLI's args parameter")  # this script's argv is not for it
-            build_cli(["--config", str(config), *overrides], cli_class=ParseOnly, run=False,
-                      parser_kwargs={"exit_on_error": False})
+        build_cli(["--config", str(config), *overrides], cli_class=ParseOnly, run=False,
+                  parser_kwargs={"exit_on_error": False})
     except (argparse.ArgumentError, SystemExit, UserError) as e:
         return " ".join(line.strip() for line in str(e).splitlines()[:2]) or type(e).__name__
     finally:
@@ -272,6 +290,9 @@ def parse_variants(names: str | None, custom: list[str]) -> dict[str, list[str]]
                             "letters, digits, _ . -")
         if name in chosen or name in VARIANTS:
             raise UserError(f"--variant {name}: that name is taken (built-in or given twice); choose another")
+        if name in RESERVED:  # ('/', '.' and '..' are refused by the pattern above)
+            raise UserError(f"--variant {name}: that name is one of the sweep folder's own files "
+                            f"({', '.join(RESERVED)}); choose another")
         try:
             chosen[name] = shlex.split(args)
         except ValueError as e:

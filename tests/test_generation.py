@@ -301,6 +301,35 @@ def test_ragged_cache_rollback_finished_rows_and_trim_equal_recompute(setup):
                 assert torch.allclose(logits[b], recompute(seqs[b]), atol=1e-4)
 
 
+def test_ragged_cache_prefill_after_rollback_to_empty_equals_a_new_cache(setup):
+    """A second prefill on a cache rolled back to empty takes RaggedKV's general path (its pools exist, its
+    free slots come out of order), not the first-prefill copy: for a padded batch and a batch of one, its
+    logits and the next steps' logits equal those of a brand-new cache bitwise."""
+    from umim.inference.kv_cache import MergingCache
+
+    lm = setup[0]
+    d = lm.get_input_embeddings().embedding_dim
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lens in ([5, 2, 7], [6]):
+            rows = [torch.randn(n, d) for n in lens]  # [S_b, d]
+            steps = torch.randn(3, len(lens), 1, d)
+            used = MergingCache(lm)
+            used.prefill([torch.randn(4, d), torch.randn(6, d)])  # other rows, another batch size
+            for _ in range(3):
+                used.step(torch.randn(2, 1, d), [True, True])
+            used.rollback(used.lengths())
+            assert used.lengths() == [0, 0] and used.kv.table.numel() == 0 and used.kv.capacity >= 16
+            new = MergingCache(lm)
+            got, want = used.prefill(rows), new.prefill(rows)
+            assert not used.kv._fresh and new.kv._fresh  # the general path against the first-prefill one
+            assert torch.equal(got, want)
+            assert used.lengths() == new.lengths() == lens and used.next_pos == new.next_pos
+            for step in steps:
+                live = [True] * len(lens)
+                assert torch.equal(used.step(step, live), new.step(step, live))
+            assert used.lengths() == new.lengths() == [n + 3 for n in lens]
+
 def test_ragged_cache_refuses_an_unplanned_forward_and_reads_its_length_without_changing(setup):
     """A forward the cache did not plan (a plain model call on a finished decode's cache) is refused, not
     written over live slots; asking the length between a plan and its forward (as models do when no

@@ -109,6 +109,46 @@ def test_curve_command_prints_markdown(sweep, tmp_path, capsys):
     assert "no metrics.csv" in capsys.readouterr().err
 
 
+def test_curve_of_a_sweep_folder_refused_not_merged(sweep, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    sweep.open_sweep_dir(out, {"config": "x"})
+    for name, loss in (("a", 1.0), ("b", 2.0)):  # two variants validating at the same step
+        _write_csv(out / name / "logs" / "version_0" / "metrics.csv", [{"step": 29, "val/loss": loss}])
+    assert [p.loss for p in sweep.read_curve(out / "a")] == [1.0]  # one run folder: its own curve only
+    assert cli_entry(sweep.main, ["--curve", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err and "pass one run folder" in err
+    # a run folder's own logs only: a run kept inside it (e.g. a copy) does not merge into its curve
+    _write_csv(out / "a" / "old" / "logs" / "version_3" / "metrics.csv", [{"step": 29, "val/loss": 5.0}])
+    assert [p.loss for p in sweep.read_curve(out / "a")] == [1.0]
+
+
+def test_curve_of_a_csv_without_step_or_val_loss_is_refused(sweep, tmp_path, capsys):
+    nostep = tmp_path / "nostep.csv"
+    nostep.write_text("epoch,val/loss\n0,1.0\n")
+    noval = tmp_path / "noval.csv"
+    noval.write_text("epoch,step,train/loss_step\n0,4,1.5\n")
+    for path, col in ((nostep, "'step'"), (noval, "'val/loss'")):
+        assert cli_entry(sweep.main, ["--curve", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and col in err
+    # a resumed version that stopped before validating leaves the earlier versions' curve intact
+    run = _synthetic_run(tmp_path / "run")
+    (run / "logs" / "version_2").mkdir()
+    (run / "logs" / "version_2" / "metrics.csv").write_text("epoch,step,train/loss_step\n0,94,0.7\n")
+    assert [p.step for p in sweep.read_curve(run)] == [30, 60, 90]
+
+
+def test_variant_descriptions_state_absolute_values(sweep):
+    for name, (overrides, what) in sweep.VARIANTS.items():
+        for value in overrides[1::2]:
+            try:
+                number = float(value)
+            except ValueError:
+                continue  # a flag or a list: the description says what it turns on
+            assert value in what or (number < 1 and f"{number * 100:g}%" in what), (name, value, what)
+
+
 def test_out_that_is_not_a_sweep_is_refused(sweep, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -140,7 +180,12 @@ def test_variant_selection_and_typos_refused_before_any_run(sweep, tmp_path, cap
                       "wd0": ["--model.weight_decay", "0", "--model.lr", "1e-3"]}
     assert list(sweep.parse_variants(None, ["x=--model.lr 1"])) == ["x"]
     for names, custom, msg in (("nope", [], "unknown variant 'nope'"), (None, ["lr2x=--model.lr 1"], "taken"),
-                               (None, ["bad name=--model.lr 1"], "NAME="), (None, ["x=--model.lr '1"], "quotation")):
+                               (None, ["bad name=--model.lr 1"], "NAME="), (None, ["x=--model.lr '1"], "quotation"),
+                               (None, ["sweep.json=--model.lr 1"], "sweep folder's own files"),
+                               (None, ["results.jsonl=--model.lr 1"], "sweep folder's own files"),
+                               (None, ["summary.md=--model.lr 1"], "sweep folder's own files"),
+                               (None, ["a/b=--model.lr 1"], "NAME="), (None, ["..=--model.lr 1"], "NAME="),
+                               (None, [".=--model.lr 1"], "NAME=")):
         with pytest.raises(UserError, match=msg):
             sweep.parse_variants(names, custom)
     out = tmp_path / "sweep"
@@ -148,6 +193,10 @@ def test_variant_selection_and_typos_refused_before_any_run(sweep, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "typo" in err and "model.lrr" in err
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]  # nothing ran
+    assert cli_entry(sweep.main, ["--out", str(out), "--variant", "summary.md=--model.lr 1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "summary.md" in err
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]  # refused before any run
     assert cli_entry(sweep.main, ["--out", str(out), "--budget", "10 min"]) == 2
     assert "--budget" in capsys.readouterr().err
 
