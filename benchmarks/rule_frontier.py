@@ -16,9 +16,9 @@ gives the TR reached there, the mean KL(teacher || merged student) over every st
 Costs come from ``--costs FILE`` (a ``costs.json`` of ``umim score-rules`` on these rules; its text
 settings are reused for selection), else they are scored here on ``--score_blocks`` train blocks.
 
-Usage::
+Usage (writing where ``notebooks/tr_vs_quality.ipynb`` plots it, RESULTS being its ``UMIM_RESULTS``)::
 
-    python benchmarks/rule_frontier.py --costs /path/costs.json --json rule_frontier.json
+    python benchmarks/rule_frontier.py --costs /path/costs.json --json RESULTS/rule_frontier/rule_frontier.json
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def main(argv=None) -> int:
           f"teacher NLL {f['nll_teacher']:.3f} nats/token")
     rows.append({"method": "all", "target_tr": None, "rules": len(model.rules),
                  **{f"test_{m}": v for m, v in f.items()}})
-    at = sorted({0.05, 0.10} | set(a.trs))
+    # every curve ends at the all-rules point: past its TR there is nothing to interpolate
+    at = sorted(x for x in {0.05, 0.10} | set(a.trs) if x <= f["tr"])
     print("\nfrontiers at equal test TR (interpolated; KL / dNLL / top-1):")
     for x in at:
         print(f"  TR {x:4.0%}: " + "; ".join(f"{kind} {frontier(kind, 'kl', x):.4f} / {frontier(kind, 'dnll', x):.4f}"

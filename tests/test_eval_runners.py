@@ -299,13 +299,36 @@ def test_notebook_executes_headless(name, tiny, compare_result, qa_result, gener
     write_results(qa_result, results / "qa", "qa")
     write_results(generation_results[0], results / "summarize", "summarization")
     write_results(generation_results[1], results / "math", "math")
+    # a real benchmarks/rule_frontier.py result (runs/default, pydoc test split)
+    frontier = json.loads((ROOT / "tests" / "data" / "rule_frontier.json").read_text())
+    (results / "rule_frontier").mkdir()
+    (results / "rule_frontier" / "rule_frontier.json").write_text(json.dumps(frontier))
     monkeypatch.setenv("UMIM_RESULTS", str(results))
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     figures = sorted(p.name for p in (results / "figures").glob("*.png"))
-    assert figures == (["tr_vs_ppl.png"] if name == "tr_vs_quality" else ["math.png", "qa.png", "summarize.png"])
+    assert figures == (["rule_frontier.png", "tr_vs_ppl.png"] if name == "tr_vs_quality"
+                       else ["math.png", "qa.png", "summarize.png"])
     assert np.all([p.stat().st_size > 1000 for p in (results / "figures").glob("*.png")])
+    if name != "tr_vs_quality":
+        return
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for r in frontier["rows"]:  # one table line per subset
+        assert re.search(rf"^{r['method']} +\S+ +{r['rules']} +{100 * r['test_tr']:.1f}% ", printed, re.M), r
+
+    # without the frontier file its cells print how to make it, plot nothing, and the compare cells run as before
+    (results / "rule_frontier" / "rule_frontier.json").unlink()
+    for p in (results / "figures").glob("*.png"):
+        p.unlink()
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    assert sorted(p.name for p in (results / "figures").glob("*.png")) == ["tr_vs_ppl.png"]
+    frontier_out = [o["text"] for c in nb.cells if c.cell_type == "code" and "rule_frontier" in c.source
+                    for o in c.outputs]
+    assert len(frontier_out) == 1 and frontier_out[0].count("\n") == 1, frontier_out
+    assert "python benchmarks/rule_frontier.py --costs" in frontier_out[0]
 
 
 def test_journal_starts_afresh_when_the_merger_or_rules_change(tmp_path):
