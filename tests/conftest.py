@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+
+@contextmanager
+def benchmark_script(name: str) -> Iterator:
+    """``benchmarks/<name>.py`` imported as module ``name`` while the block runs (registered in
+    ``sys.modules``: the scripts' dataclasses resolve their annotations through it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)
+
+
+def pydoc_paragraphs(lo: int, hi: int) -> list[str]:
+    """Real English text: the paragraphs of over 40 words of Python's help topics ``lo:hi`` (sorted)."""
+    from pydoc_data.topics import topics
+
+    return [p.strip() for k in sorted(topics)[lo:hi] for p in topics[k].split("\n\n") if len(p.split()) > 40]
+
 
 TEXT_A = [
     "the quick brown fox jumps over the lazy dog",

@@ -4,16 +4,14 @@ consistent (TR of the prompts, goal, ratio spread), and the CLI prints and write
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama_run
+from conftest import benchmark_script, make_tiny_llama_run
 
 from umim.fingerprint import tokenizer_fingerprint
 from umim.inference.generation import MergedLM
@@ -22,17 +20,12 @@ from umim.rules.store import MergeRules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_decode"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("bench_decode", None)
+    with benchmark_script("bench_decode") as mod:
+        yield mod
 
 
 @pytest.fixture(scope="module")

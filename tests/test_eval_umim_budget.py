@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, pydoc_paragraphs
 
 from umim.fingerprint import tokenizer_fingerprint
 from umim.inference.generation import MergedLM
@@ -26,15 +26,9 @@ from umim_eval.methods.umim_budget import (
 )
 
 
-def _paragraphs(lo: int, hi: int) -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [p.strip() for k in sorted(topics)[lo:hi] for p in topics[k].split("\n\n") if len(p.split()) > 40]
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_tokenizer_factory):
-    train = _paragraphs(0, 40)
+    train = pydoc_paragraphs(0, 40)
     tok = tiny_tokenizer_factory(train, vocab_size=300)
     fp = tokenizer_fingerprint(tok)
     ids, off = tokenize_documents(train, tok, progress=False)
@@ -44,7 +38,7 @@ def setup(tiny_tokenizer_factory):
     merger = MergeModule(MergerConfig(hidden_size=32, tokenizer=fp))
     torch.nn.init.normal_(merger.v_proj.weight, std=0.3)
     m = MergedLM(lm, tok, merger, rules)
-    prompts = [tok(p, add_special_tokens=False)["input_ids"][:120] for p in _paragraphs(40, 60)[:6]]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"][:120] for p in pydoc_paragraphs(40, 60)[:6]]
     return m, tok, prompts
 
 
@@ -151,7 +145,7 @@ def test_bad_settings(setup):
 
 def test_budget_curve(setup):
     m, tok, _ = setup
-    texts = _paragraphs(40, 60)[:3] + ["too short"]
+    texts = pydoc_paragraphs(40, 60)[:3] + ["too short"]
     rows = budget_curve(m.lm, tok, m, texts, [0.0, 0.1, 0.2], context_tokens=60, target_tokens=12, progress=False)
     by = {(r["method"], r["target_tr"]): r for r in rows}
     assert [r["method"] for r in rows] == ["none", "umim"] + ["umim_budget"] * 3

@@ -4,30 +4,23 @@ figures agree with the schedule."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmark_script
 
 from umim.errors import cli_entry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_decode.py"
 TINY = ["--tiny", "--device", "cpu", "--dtype", "float32", "--prompt", "64", "--new", "32"]
 
 
 @pytest.fixture(scope="module")
 def gpu_decode():
-    spec = importlib.util.spec_from_file_location("gpu_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_decode"] = mod  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("gpu_decode", None)
+    with benchmark_script("gpu_decode") as mod:
+        yield mod
 
 
 def _records(out: str) -> list[dict]:

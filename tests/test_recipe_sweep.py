@@ -6,15 +6,13 @@ two variants of a tiny `umim fit` config."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import make_tiny_llama_run
+from conftest import benchmark_script, make_tiny_llama_run
 
 from umim.errors import UserError, cli_entry
 from umim.lm import LMSpec
@@ -24,18 +22,13 @@ from umim.training.timing import WallTime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_sweep.py"
 COLUMNS = ["epoch", "step", "train/loss_step", "val/loss", "val/top1", "val/tr", "time/train_s", "time/total_s"]
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("recipe_sweep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_sweep"] = mod  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("recipe_sweep", None)
+    with benchmark_script("recipe_sweep") as mod:
+        yield mod
 
 
 @pytest.fixture(scope="module")

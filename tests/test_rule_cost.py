@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_llama_run, make_tiny_lm
+from conftest import make_tiny_llama_run, make_tiny_lm, pydoc_paragraphs
 
 from umim.cli import main as umim_main
 from umim.errors import UserError
@@ -41,12 +41,6 @@ from umim_eval.methods.umim_budget import UMIMBudget
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _paragraphs(lo: int, hi: int) -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [p.strip() for k in sorted(topics)[lo:hi] for p in topics[k].split("\n\n") if len(p.split()) > 40]
-
-
 def _random_merger(fp: dict) -> MergeModule:
     torch.manual_seed(1)
     merger = MergeModule(MergerConfig(hidden_size=32, tokenizer=fp))
@@ -56,7 +50,7 @@ def _random_merger(fp: dict) -> MergeModule:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_tokenizer_factory):
-    train = _paragraphs(0, 40)
+    train = pydoc_paragraphs(0, 40)
     tok = tiny_tokenizer_factory(train, vocab_size=300)
     fp = tokenizer_fingerprint(tok)
     ids, off = tokenize_documents(train, tok, progress=False)
