@@ -44,6 +44,9 @@ class MergedBatch:
     """[B, S] long, teacher position aligned with each compressed position (its segment's last token)."""
     num_original: int
     num_compressed: int
+    position_kl: torch.Tensor | None = None
+    """[B, S] float KL(teacher || student) at each loss position, 0 elsewhere (no grad); set by
+    :func:`~umim.training.distillation.distill_forward` when asked for it."""
 
 
 def check_segments(seg_start: np.ndarray, seg_len: np.ndarray, lengths: np.ndarray, max_span: int = MAX_N) -> None:

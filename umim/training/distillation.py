@@ -154,13 +154,17 @@ class TeacherCache:
 
 def distill_forward(
     lm, encoder: SpanEncoder | Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: dict,
-    metrics=None, chunk_size: int = 512, teacher_h: torch.Tensor | None = None,
+    metrics=None, chunk_size: int = 512, teacher_h: torch.Tensor | None = None, position_kl: bool = False,
+    head_calls: Callable[[int], int] | None = None,
 ) -> tuple[torch.Tensor, MergedBatch]:
     """Teacher and student forwards of one segmented batch; returns (mean KL, merged batch).
 
     ``batch`` holds ``input_ids`` [B, L], ``lengths`` [B], ``seg_start``/``seg_len`` [B, S] and
     ``max_span`` (:func:`~umim.merging.batch.add_segments`). Only final hidden states are computed
-    by the LM (``base_model``); logits exist only per chunk of aligned positions.
+    by the LM (``base_model``); logits exist only per chunk of aligned positions. With
+    ``position_kl`` the merged batch also carries each loss position's KL (``merged.position_kl``).
+    ``head_calls`` (a sharded LM, :meth:`~umim.training.frozen_lm_module.FrozenLMModule.head_calls`)
+    maps this rank's number of output-head calls to the number every rank makes.
     """
     if teacher_h is None:
         teacher_h = teacher_hidden(lm, batch)
@@ -170,7 +174,12 @@ def distill_forward(
         inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask, use_cache=False
     ).last_hidden_state
     t_h, s_h = aligned_hidden(teacher_h, student_h, merged)
-    return distillation_loss(t_h, s_h, lm.get_output_embeddings(), chunk_size, metrics), merged
+    kl = torch.zeros(t_h.shape[0], device=t_h.device) if position_kl else None
+    calls = head_calls(-(-t_h.shape[0] // chunk_size)) if head_calls is not None else 0
+    loss = distillation_loss(t_h, s_h, lm.get_output_embeddings(), chunk_size, metrics, kl, calls)
+    if kl is not None:
+        merged.position_kl = torch.zeros(merged.loss_mask.shape, device=kl.device).masked_scatter_(merged.loss_mask, kl)
+    return loss, merged
 
 
 class SpanDistillation(FrozenLMModule):
@@ -214,7 +223,8 @@ class SpanDistillation(FrozenLMModule):
     def loss(self, batch: dict, stage: str) -> tuple[torch.Tensor, MergedBatch]:
         metrics = self.metrics[f"{stage}_align"] if (stage != "train" or self.train_metrics) else None
         teacher_h = self.teacher_cache.hidden(self.lm, batch) if self.teacher_cache is not None else None
-        loss, merged = distill_forward(self.lm, self.span_encoder, batch, metrics, self.loss_chunk_size, teacher_h)
+        loss, merged = distill_forward(self.lm, self.span_encoder, batch, metrics, self.loss_chunk_size, teacher_h,
+                                       head_calls=self.head_calls())
         if metrics is not None:
             self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True)
         return loss, merged

@@ -159,12 +159,14 @@ class ExportAndReport(L.Callback):
                 results[f"{es.name} ({es.corpus}:{es.split})"] = evaluate_alignment(
                     pl_module.lm, blocks, variants, self.batch_size, pl_module.loss_chunk_size,
                     desc=f"report {es.name}", rank=trainer.global_rank, world_size=trainer.world_size,
+                    head_calls=pl_module.head_calls(),
                 )
         val_loss = trainer.callback_metrics.get("val/loss")
         best_score = getattr(cb, "best_model_score", None) if cb is not None else None
         extra = {
             "lm": pl_module.lm_spec.name_or_path,
-            "rules": {"num_rules": dm.rules.num_rules(), "min_count": dm.rules.min_count, "filters": dm.rules.filters},
+            "rules": {"num_rules": dm.rules.num_rules(), "min_count": dm.rules.min_count, "filters": dm.rules.filters,
+                      **({"selection": dm.rules.selection} if dm.rules.selection else {})},
             "train": {"seconds": round(train_seconds, 1), "steps": int(trainer.global_step),
                       "epochs": int(trainer.current_epoch), "best_checkpoint": best,
                       "best_val_loss": None if best_score is None else float(best_score),

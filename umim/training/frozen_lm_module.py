@@ -74,6 +74,18 @@ class FrozenLMModule(L.LightningModule):
             torch.manual_seed(self.seed)
             setattr(self, self.encoder_name, self.build_encoder(self.lm.get_input_embeddings().embedding_dim, fp))
 
+    def head_calls(self):
+        """Under the sharded strategy the output head is a collective that every rank must call equally
+        often: a function mapping this rank's number of head calls to the largest over ranks (None when
+        the head is not sharded)."""
+        from umim.training.strategy import DecoderLayerFSDP
+
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1 or not isinstance(trainer.strategy, DecoderLayerFSDP):
+            return None
+        strategy = trainer.strategy
+        return lambda n: int(strategy.reduce(torch.tensor(n, device=self.device), reduce_op="max"))
+
     # -- steps -------------------------------------------------------------------------------------
     def segmenter(self, stage: str) -> Segmenter | None:
         """The model's own segmenter for ``stage`` (its encoder merges only those spans); None: batches

@@ -51,13 +51,14 @@ def evaluate_alignment(
     desc: str = "evaluating",
     rank: int = 0,
     world_size: int = 1,
+    head_calls=None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of each variant on ``blocks`` ([n, L] token ids); values in %, KL in nats.
 
     With ``world_size > 1`` (every rank calls this) rank r evaluates batches r, r + W, ... and the
     metrics are summed across ranks, so the result equals a 1-process run. Every rank runs the same
     number of forwards (a sharded LM needs all ranks in each one): a rank without a batch of its own
-    repeats one and does not count it.
+    repeats one and does not count it; ``head_calls`` (a sharded head) evens out the output-head calls.
     """
     device = lm.device
     state = {
@@ -76,7 +77,8 @@ def evaluate_alignment(
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
             if teacher_h is None:
                 teacher_h = teacher_hidden(lm, batch)
-            loss, merged = distill_forward(lm, merger, batch, metrics if own else None, chunk_size, teacher_h=teacher_h)
+            loss, merged = distill_forward(lm, merger, batch, metrics if own else None, chunk_size, teacher_h=teacher_h,
+                                           head_calls=head_calls)
             if own:
                 n = merged.loss_mask.sum()
                 kl.update(loss.double() * n)
