@@ -230,3 +230,31 @@ def test_last_checkpoint_follows_every_epoch_end_validation(runs):
         "--trainer.val_check_interval", "1.0", "--model.lr", "0"))
     ok(proc)
     assert checkpoint(runs.root / "epoch-end" / "checkpoints" / "last.ckpt")["global_step"] == 12
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "sharded"])
+def test_rule_selection_scores_every_block_once_across_ranks(runs, strategy):
+    """RuleSelection on 2 processes: each rank scores half the blocks, the reduced merge counts equal a
+    1-process run's (the counts depend on blocks and rules only, not on the merger), rank 0 writes the
+    selection once, and the export is the selected subset of the mined rules."""
+    config = "llama3.2-1b" if strategy == "ddp" else "llama3.1-8b"
+    costs = {}
+    for devices in (1, 2):
+        name = f"selection-{strategy}-{devices}"
+        proc = runs.fit(name, config, PAPER_CONFIGS[config], devices=devices, extra=(
+            "--trainer.callbacks+=umim.training.rule_selection.RuleSelection", "--trainer.callbacks.target_tr", "0.1",
+            "--trainer.callbacks.at_step", "3", "--trainer.callbacks.score_blocks", "8",
+            "--data.rules", str(runs.root / name / "mined_rules")))
+        ok(proc)
+        out = runs.root / name
+        from umim.rules.cost import RuleCosts, rule_list
+        from umim.rules.store import MergeRules
+
+        assert (proc.stdout + proc.stderr).count("step 3: kept") == 1
+        mined, exported = MergeRules.load(out / "mined_rules"), MergeRules.load(out / "rules")
+        assert rule_list(exported) == rule_list(MergeRules.load(out / "selected_rules"))
+        assert set(rule_list(exported)) < set(rule_list(mined))
+        assert exported.selection["method"] == "cost inside umim fit"
+        costs[devices] = RuleCosts.load(out / "rule_costs.json", mined)
+    assert costs[1].tokens == costs[2].tokens == 8 * 64
+    assert costs[2].fires.sum() > 0 and (costs[1].fires == costs[2].fires).all()

@@ -207,7 +207,7 @@ class RuleCosts:
         return costs
 
 
-def _is_costs_file(path: Path) -> bool:
+def is_costs_file(path: Path) -> bool:
     """Whether ``path`` is a rule-costs file (ours to replace)."""
     try:
         return json.loads(path.read_text()).get("format") == FORMAT
@@ -423,14 +423,19 @@ def select_by_order(rules: MergeRules, order: np.ndarray, blocks: np.ndarray, ta
     return np.asarray(keep, dtype=np.int64), tr
 
 
-def cost_order(costs: RuleCosts, max_cost: float | None = None, prior: float = 0.0) -> np.ndarray:
-    """Global indices of the scored rules, cheapest first (ties: more saved positions first);
-    with ``max_cost``, only those costing at most that; ``prior``: rank by :meth:`RuleCosts.shrunk_cost`."""
+def cost_order(costs: RuleCosts, max_cost: float | None = None, prior: float = 0.0,
+               unseen_at_mean: bool = False) -> np.ndarray:
+    """Global indices of the scored rules, cheapest first (ties: more saved positions, then more frequent,
+    first); with ``max_cost``, only those costing at most that; ``prior``: rank by
+    :meth:`RuleCosts.shrunk_cost`; ``unseen_at_mean``: rules that never fired are ranked too, at the mean
+    cost of all scored merges (a subset of the text was scored), instead of left out."""
     cost, saved = costs.shrunk_cost(prior), costs.saved
+    if unseen_at_mean:
+        cost = np.where(np.isnan(cost), costs.kl_sum.sum() / max(int(saved.sum()), 1), cost)
     scored = np.flatnonzero(~np.isnan(cost))
     if max_cost is not None:
         scored = scored[cost[scored] <= max_cost]
-    return scored[np.lexsort((-saved[scored], cost[scored]))]
+    return scored[np.lexsort((-costs.counts[scored], -saved[scored], cost[scored]))]
 
 
 def count_order(rules: MergeRules) -> np.ndarray:
@@ -536,7 +541,7 @@ def _score_rules_cmd(argv: list[str]) -> int:
         raise UserError("--out: the rules come from the hub, so name the file to write the costs to")
     if Path(out).is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as {Path(out) / COSTS_FILE}")
-    if Path(out).exists() and not _is_costs_file(Path(out)):
+    if Path(out).exists() and not is_costs_file(Path(out)):
         raise UserError(f"--out {out} exists and is not a rule-costs file; refusing to replace it: choose another path")
     found = run_corpus(a.run_dir)
     data = a.data or (found[0] if found else None)
@@ -590,6 +595,9 @@ class SelectRulesConfig:
     rules that happened to fire there, whose TR does not carry over to new text)."""
     prior: float = 0.0
     """Rank by costs shrunk toward the mean by this many pseudo saved positions (0: measured costs)."""
+    unseen_at_mean: bool = False
+    """Rank rules that never fired at the mean cost instead of leaving them out (as ``umim fit``'s
+    ``RuleSelection`` does, with ``--prior 4``)."""
 
     def __post_init__(self):
         if self.tr_blocks is not None and self.tr_blocks < 1:
@@ -628,7 +636,7 @@ def _select_rules_cmd(argv: list[str]) -> int:
     rules.check_tokenizer(tok)
     data, split = a.data or text["data"], a.split or text.get("split", "train")
     blocks = text_blocks(tok, data, split, int(text.get("block_size", 256)), a.tr_blocks, int(text.get("seed", 0)))
-    order = cost_order(costs, a.max_cost, a.prior)
+    order = cost_order(costs, a.max_cost, a.prior, a.unseen_at_mean)
     if not len(order):
         raise UserError(f"no scored rule costs at most {a.max_cost}: raise --max_cost")
     if a.target_tr is not None:
@@ -638,7 +646,7 @@ def _select_rules_cmd(argv: list[str]) -> int:
         tr = measured_tr(subset_rules(rules, keep), blocks)
     selection = {"method": "cost", "source_rules": str(a.rules), "source_rules_sha256": rules_digest(rules),
                  "costs": str(a.costs or Path(a.rules) / COSTS_FILE), "target_tr": a.target_tr,
-                 "max_cost": a.max_cost, "prior": a.prior, "measured_tr": tr,
+                 "max_cost": a.max_cost, "prior": a.prior, "unseen_at_mean": a.unseen_at_mean, "measured_tr": tr,
                  "text": {"data": data, "split": split, "blocks": len(blocks)},
                  "num_source_rules": len(rules)}
     chosen = subset_rules(rules, keep, selection)

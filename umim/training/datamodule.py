@@ -174,6 +174,7 @@ class SpanDataModule(L.LightningDataModule):
         self.rules_dir = rules
         self.rules: MergeRules | None = None
         self.blocks: dict[str, np.ndarray] = {}
+        self._collators: list[SegmentCollator] = []  # every loader's, so use_rules reaches them
 
     @property
     def rules_path(self) -> Path:
@@ -238,7 +239,18 @@ class SpanDataModule(L.LightningDataModule):
 
     def collator(self) -> SegmentCollator:
         """Collate function of every loader: stack the blocks and segment them."""
-        return SegmentCollator(self.segmenter())
+        c = SegmentCollator(self.segmenter())
+        self._collators.append(c)
+        return c
+
+    def use_rules(self, rules: MergeRules, path: str | Path) -> None:
+        """Segment every later batch of every loader (built or not) with ``rules``, saved at ``path``.
+        Loaders with worker processes hold copies of their collator, so only ``num_workers: 0`` follows."""
+        if self.num_workers:
+            raise UserError("changing the rules during a fit needs data.num_workers: 0")
+        self.rules, self.rules_dir = rules, str(path)
+        for c in self._collators:
+            c.segmenter = RuleSegmenter(rules)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(list(self.blocks[split]), batch_size=self.eval_batch_size, collate_fn=self.collator(),
