@@ -233,10 +233,15 @@ def _class_path(entry) -> str:
 
 
 def run_config(base: dict, run_dir: Path, budget: str, seed: int, val_every: int | None) -> dict:
-    """The base config made a sweep run: outputs and CSV logs in ``run_dir``, ``budget`` as max_time, no export
+    """The base config made a sweep run: outputs and CSV logs in ``run_dir`` (and the mined rules, when the base
+    keeps them in its own run folder, so a variant's mining settings apply), ``budget`` as max_time, no export
     or report, the WallTime callback, no progress bar."""
     cfg = json.loads(json.dumps(base))  # a deep copy
     trainer = cfg.setdefault("trainer", {})
+    data, root = cfg.get("data") or {}, trainer.get("default_root_dir")
+    rules = data.get("rules") if isinstance(data.get("rules"), str) else None
+    if rules and root and Path(rules).is_relative_to(root):  # the base run's own mined rules: each run mines its own
+        data["rules"] = str(run_dir / Path(rules).relative_to(root))
     trainer.update(default_root_dir=str(run_dir), max_time=budget, enable_progress_bar=False,
                    logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
                            "init_args": {"save_dir": str(run_dir), "name": "logs"}})

@@ -211,6 +211,17 @@ class _Record(L.Callback):
             self.rows.append({k: float(trainer.callback_metrics[k]) for k in ("time/train_s", "time/total_s")})
 
 
+def test_each_run_mines_its_own_rules_when_the_base_keeps_them_in_its_run_folder(sweep, tmp_path):
+    base = {"trainer": {"default_root_dir": "runs/default", "callbacks": [
+        {"class_path": "umim.training.export.ExportAndReport"}]}, "data": {"rules": "runs/default/mined_rules"}}
+    cfg = sweep.run_config(base, tmp_path / "tau10", "00:00:01:00", 0, None)
+    assert cfg["data"]["rules"] == str(tmp_path / "tau10" / "mined_rules")  # tau10 must not reuse tau 5 rules
+    assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == ["umim.training.timing.WallTime"]
+    assert base["data"]["rules"] == "runs/default/mined_rules"  # the base is left alone
+    base["data"]["rules"] = "/data/selected"  # a rule set of its own: every run trains on it
+    assert sweep.run_config(base, tmp_path / "x", "00:00:01:00", 0, None)["data"]["rules"] == "/data/selected"
+
+
 def test_wall_time_excludes_validation_and_survives_resume(tiny_setup, tmp_path):
     dm = UMIMDataModule(corpus=str(tiny_setup / "corpus"), lm=LMSpec(str(tiny_setup / "lm")),
                         rules=str(tmp_path / "rules"), block_size=64, batch_size=4, max_train_blocks=16,
