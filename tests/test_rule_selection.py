@@ -238,3 +238,17 @@ def test_fit_refuses_what_cannot_work_before_training(tiny, tmp_path, capfd, cas
     err = capfd.readouterr().err
     assert frag in err and "Traceback" not in err
     assert not (out / "merger").exists() and not (out / "checkpoints").exists()
+
+
+def test_distillation_loss_calls_the_head_at_least_min_chunks_times():
+    """A sharded head is a collective: a rank with fewer positions still makes every rank's calls."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    rows = []
+    head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    t, s = torch.randn(7, 8), torch.randn(7, 8, requires_grad=True)
+    want = distillation_loss(t, s, head, chunk_size=3)
+    assert rows == [3, 3, 3, 3, 1, 1]  # teacher and student per chunk
+    rows.clear()
+    got = distillation_loss(t, s, head, chunk_size=3, min_chunks=5)
+    assert rows == [3, 3, 3, 3, 1, 1, 0, 0, 0, 0] and torch.equal(got, want)
