@@ -252,3 +252,45 @@ def test_distillation_loss_calls_the_head_at_least_min_chunks_times():
     rows.clear()
     got = distillation_loss(t, s, head, chunk_size=3, min_chunks=5)
     assert rows == [3, 3, 3, 3, 1, 1, 0, 0, 0, 0] and torch.equal(got, want)
+
+
+def test_validate_with_a_checkpoint_uses_its_selection(tiny, tmp_path):
+    ckpt = str(tmp_path / "part.ckpt")
+    whole = RuleSelection(target_tr=0.1, at_step=3)
+    _trainer_fit(tiny, tmp_path / "part", [whole, SaveAt(4, ckpt)])
+    dm = UMIMDataModule(corpus=str(tiny / "corpus"), lm=LMSpec(str(tiny / "lm")), rules=str(tmp_path / "mined"),
+                        block_size=64, batch_size=4, max_train_blocks=16, max_eval_blocks=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, default_root_dir=tmp_path / "part",
+                        callbacks=[RuleSelection(target_tr=0.1, at_step=3)])
+    trainer.validate(UMIMDistillation(lm=LMSpec(str(tiny / "lm"))), datamodule=dm, ckpt_path=ckpt, verbose=False)
+    assert rule_list(dm.rules) == rule_list(MergeRules.load(tmp_path / "part" / "selected_rules"))
+    assert len(dm.rules) == len(whole.selected) < len(MergeRules.load(tmp_path / "mined"))
+
+
+def test_select_rules_reproduces_the_fits_selection_from_its_costs(tiny, tmp_path):
+    from umim.rules.cost import select_rules_main
+
+    out = tmp_path / "run"
+    assert _fit(tmp_path, _config(tiny, out)) in (0, None)
+    # TR measured on the fit's 16 training blocks (max_train_blocks: the same seeded subset)
+    assert select_rules_main(["--rules", str(out / "mined_rules"), "--costs", str(out / "rule_costs.json"),
+                              "--target_tr", "0.1", "--prior", "4", "--unseen_at_mean", "true",
+                              "--tr_blocks", "16", "--out", str(tmp_path / "again")]) == 0
+    assert rule_list(MergeRules.load(tmp_path / "again")) == rule_list(MergeRules.load(out / "rules"))
+
+
+@pytest.mark.parametrize("case", ["foreign_costs", "target_above_one"])
+def test_fit_refuses_in_one_line_and_keeps_what_was_there(tiny, tmp_path, capfd, case):
+    out = tmp_path / "run"
+    text, frag = _config(tiny, out), "is not a rule-costs file"
+    if case == "foreign_costs":
+        out.mkdir()
+        (out / "rule_costs.json").write_text('{"mine": 1}')
+    else:
+        text, frag = _config(tiny, out, target=1.5), "give a fraction in (0, 1)"
+    assert _fit(tmp_path, text) == 2
+    err = capfd.readouterr().err
+    assert frag in err and "Traceback" not in err
+    if case == "foreign_costs":
+        assert (out / "rule_costs.json").read_text() == '{"mine": 1}'

@@ -55,6 +55,7 @@ from umim.rules.cost import (
 )
 from umim.rules.store import MergeRules, is_rules_dir
 from umim.safe_io import check_replaceable, check_writable_dir
+from umim.training.datamodule import SegmentCollator
 from umim.training.distillation import distill_forward
 from umim.training.export import ExportAndReport
 
@@ -113,7 +114,21 @@ class RuleSelection(L.Callback):
         prior : pseudo saved positions each rule's cost is shrunk toward the mean by.
         out : folder for the selected rules (default ``<trainer.default_root_dir>/selected_rules``).
         tolerance : how far the measured TR may miss ``target_tr`` (a fraction).
+
+        The settings are checked in :meth:`setup`: a config parser that builds callbacks turns an error
+        raised here into a traceback of its own.
         """
+        self.target_tr, self.at_step, self.score_blocks = target_tr, at_step, score_blocks
+        self.window, self.prior, self.out, self.tolerance = window, prior, out, tolerance
+        self.out_dir: Path | None = None
+        self.selected: np.ndarray | None = None  # global indices of the kept rules, once selected
+        self.source_sha256: str | None = None
+        self.measured_tr: float | None = None
+        self.costs: RuleCosts | None = None  # what the selection was made from (this process)
+
+    def _check_settings(self) -> None:
+        target_tr, at_step, score_blocks = self.target_tr, self.at_step, self.score_blocks
+        window, prior, tolerance = self.window, self.prior, self.tolerance
         if not 0 < target_tr < 1:
             raise UserError(f"RuleSelection target_tr {target_tr}: give a fraction in (0, 1), e.g. 0.25 for 25 %")
         if at_step < 1:
@@ -126,16 +141,10 @@ class RuleSelection(L.Callback):
             raise UserError(f"RuleSelection prior {prior}: give 0 or more pseudo saved positions")
         if not 0 < tolerance < 1:
             raise UserError(f"RuleSelection tolerance {tolerance}: give a fraction such as 0.005")
-        self.target_tr, self.at_step, self.score_blocks = target_tr, at_step, score_blocks
-        self.window, self.prior, self.out, self.tolerance = window, prior, out, tolerance
-        self.out_dir: Path | None = None
-        self.selected: np.ndarray | None = None  # global indices of the kept rules, once selected
-        self.source_sha256: str | None = None
-        self.measured_tr: float | None = None
-        self.costs: RuleCosts | None = None  # what the selection was made from (this process)
 
     # -- set-up: refuse what cannot work before training -------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._check_settings()
         root = Path(trainer.default_root_dir)
         self.out_dir = Path(self.out) if self.out else root / "selected_rules"
         self.costs_path = root / COSTS_NAME
@@ -214,7 +223,7 @@ class RuleSelection(L.Callback):
         counted = share > 0 or rank == 0  # fewer blocks than ranks: all score one, rank 0's counts
         mine = blocks[pick[rank::world][:share]] if share else blocks[pick[:1]]
         kl_sum, fires = np.zeros(index.size), np.zeros(index.size, dtype=np.int64)
-        collate, bs = dm.collator(), dm.eval_batch_size
+        collate, bs = SegmentCollator(rules), dm.eval_batch_size  # not dm.collator(): no loader's, nothing to follow
         was_training = pl_module.span_encoder.training
         pl_module.span_encoder.eval()
         try:
