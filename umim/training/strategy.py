@@ -7,8 +7,9 @@ FrozenLMModule` trains sharded without code of its own and one YAML works on 1 a
 * one FSDP unit per decoder layer (class names from YAML, default the LM's ``_no_split_modules``),
   optionally with non-reentrant activation checkpointing that applies whatever the module's
   train/eval mode (the frozen LM stays in eval mode, where Hugging Face's own checkpointing is off);
-* the input embedding and the output head in one unit (one tensor when they are tied), because our
-  code calls them outside the LM's root ``forward`` (``embeddings(ids)``, ``lm_head(h)`` per chunk);
+* the input embedding and the output head in units of their own, because our code calls them outside
+  the LM's root ``forward`` (``embeddings(ids)``, ``lm_head(h)`` per chunk); a tied embedding/head
+  (one tensor) is not sharded but replicated on each rank (see ``shard_frozen_lm_module``);
   the base model's remaining parameters (final norm, GPT-2's position table) in the base model's
   unit; the whole LM is the root unit;
 * the trainable modules (the merger, the K-token encoder) in units of their own: their parameters,
@@ -25,6 +26,7 @@ buffers to bf16 under mixed precision, and gathers the whole frozen LM for every
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,13 @@ def shard_frozen_lm_module(
         apply_activation_checkpointing,
         checkpoint_wrapper,
     )
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        fully_shard = None
+    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise UserError(f"the sharded strategy needs torch >= 2.7 (this is {torch.__version__}): upgrade torch, "
+                        "or train with --trainer.strategy ddp")
 
     lm = module.lm
     names = decoder_layer_names(lm, layer_names)
@@ -74,14 +82,18 @@ def shard_frozen_lm_module(
         layers = [m for m in lm.modules() if isinstance(m, CheckpointWrapper)]
     else:
         layers = [m for m in lm.modules() if type(m).__name__ in names]
+    emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    # A tied embedding/head stays replicated (FSDP2 ignores it): one unit over both modules unshards on
+    # the first of them to run and reshards after the last, and torch 2.11 leaves it sharded for good
+    # once a pass runs only one of them (our report calls the embedding alone): "aten.embedding.default
+    # got mixed torch.Tensor and DTensor". Tied LMs are the small ones (1-3B), so the cost is small.
     frozen = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
-                  mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype))
+                  mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype),
+                  ignored_params={emb.weight} if tied else None)
     for layer in layers:
         fully_shard(layer, **frozen)
-    emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    if head is not None and head.weight is emb.weight:
-        fully_shard([emb, head], **frozen)  # tied: one tensor, one unit
-    else:
+    if not tied:
         fully_shard(emb, **frozen)
         if head is not None:
             fully_shard(head, **frozen)
