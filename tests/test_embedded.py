@@ -115,3 +115,22 @@ def test_dynamic_rollback_equals_recompute_on_embedded_model(smollm, pydoc_rules
     keep = t["survives"]
     assert (t["logits"][keep] - full[t["position"][keep]]).abs().max() <= 1e-4
     assert r.kv_len_final == len(r.segments) < r.kv_len_unmerged
+
+
+@pytest.mark.slow
+def test_processes_converting_the_embedded_model_at_once_all_succeed(tmp_path):
+    # a fresh cache: each process converts the GGUF; the first folder to land is kept, the others dropped
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "UMIM_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = "from umim.lm import _embedded_converted; print(_embedded_converted())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err[-800:] for _, _, err in results]
+    assert {out.strip() for _, out, _ in results} == {str(tmp_path / "smollm2-135m-instruct")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # no staging folders left
+    lm = load_lm(LMSpec(str(tmp_path / "smollm2-135m-instruct")))
+    assert lm.config.num_hidden_layers == 30

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from umim.errors import UserError, one_line
+from umim.safe_io import replace_dir, staging_dir
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,12 +82,19 @@ def _embedded_converted() -> Path:
         del config.quantization_config  # save_pretrained refuses GGUF-quantized configs
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # a partial folder from an interrupted run
-    os.replace(tmp, out)
+    # a staging folder of this process's own: processes started together (DDP ranks, parallel runs)
+    # each convert, and the first to finish wins; the others keep its folder and drop theirs
+    tmp = staging_dir(out)
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)  # refused (not empty) when another process's folder got there first
+        except OSError:
+            if not _complete_conversion(out):  # a partial folder from an interrupted older version
+                replace_dir(tmp, out, lambda p: True, "converted model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
