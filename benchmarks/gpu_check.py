@@ -28,6 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class Throughput(L.Callback):
     """Tokens/s of the training steps after ``warmup`` steps, and their peak GPU memory; printed as JSON
     when training ends (measured up to the last batch: the end-of-fit export is not counted)."""
@@ -37,15 +42,17 @@ class Throughput(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup and self.t0 is None:
-            torch.cuda.synchronize()
+            _sync()
             self.t0, self.tokens = time.perf_counter(), 0
-            torch.cuda.reset_peak_memory_stats()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.t0 is not None:
-            torch.cuda.synchronize()  # one sync per step: the loss logging syncs anyway
+            _sync()  # one sync per step: the loss logging syncs anyway
             self.tokens += int(batch["lengths"].sum())
-            self.t_end, self.peak = time.perf_counter(), torch.cuda.max_memory_allocated()
+            self.t_end = time.perf_counter()
+            self.peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
     def on_train_end(self, trainer, pl_module) -> None:
         print("GPUCHECK " + json.dumps({
@@ -110,8 +117,8 @@ def main() -> int:
                "--data.block_size", str(a.block_size), "--data.batch_size", str(a.batch_size),
                "--data.max_eval_blocks", "8", "--trainer.max_steps", str(a.steps), "--trainer.val_check_interval",
                str(a.steps), "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=gpu_check.Throughput"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "tests")]),
-               "UMIM_CACHE": str(work / "cache")}
+        path = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": path, "UMIM_CACHE": str(work / "cache")}
         t1 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("GPUCHECK ")]

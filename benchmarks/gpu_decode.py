@@ -21,7 +21,9 @@ UMIM's loop applies ``SamplingConfig.processors()`` before its argmax, so :class
 not changed. Every timed run is verified: the emitted tokens must equal the forced stream for all
 three methods, and each dynamic row's final KV length must equal the schedule's (1 - TR) share.
 
-Timing: the methods run in a rotated order per round. Each run is split at the first forced token
+Timing: ``--warmup`` full-length rounds run first, verified but not timed (kernel and attention-plan
+choices are made once per new KV length: a first round on an H200 took 4x the second). Then the
+methods run in a rotated order per round. Each run is split at the first forced token
 (a device sync there): what precedes is the prefill, what follows is decoding, and the decode rate
 (B tokens per forward step) is compared with the memory-bound ideal of one step,
 ``(weight bytes + mean KV bytes read per step) / bandwidth``, the bandwidth measured by a large
@@ -36,7 +38,7 @@ would not fit is skipped, each with a message. A case whose run fails verificati
 gives no figures; the others still run, and the exit code is 1.
 
     python benchmarks/gpu_decode.py [--batch 32,1] [--prompt 2000] [--new 2000] [--tr 0.35]
-        [--dtype bfloat16] [--device cuda] [--repeat 2] [--max-seconds 270] [--json OUT]
+        [--dtype bfloat16] [--device cuda] [--warmup 1] [--repeat 2] [--max-seconds 270] [--json OUT]
     python benchmarks/gpu_decode.py --tiny --device cpu --dtype float32 --prompt 64 --new 32 --batch 1,3
 """
 
@@ -284,28 +286,29 @@ def run_case(m: MergedLM, rules: MergeRules, fillers: np.ndarray, a, batch: int,
     new = plant(rng, rules, fillers, batch, a.new, a.tr, "--new")
     saved_prompt, saved_new = prompt.saved.sum(1), new.saved.sum(1)
     expected_kv = a.prompt + a.new - saved_prompt - saved_new  # [B]
-    # warm-up at this batch size (kernels, allocator), short, every method
-    warm = slice(0, min(16, a.prompt)), slice(0, min(8, a.new))
-    for method in METHODS:
-        run_method(m, method, prompt.ids[:, warm[0]], new.ids[:, warm[1]])
+    # warm-up rounds at full length, verified, not timed: kernels are chosen (and on an H200 the attention
+    # plans built) once per new KV length, which made a first round 4x slower there (82 s vs 21 s)
     runs: dict[str, list[Run]] = {k: [] for k in METHODS}
-    round_seconds = []
-    for r in range(a.repeat):
-        if r and time.perf_counter() + statistics.mean(round_seconds) * (1 + later_cases) > deadline:
-            print(f"gpu_decode: batch {batch}: {r} round(s) of {a.repeat}, the rest would pass --max-seconds",
-                  flush=True)
+    round_seconds, warm_seconds = [], []
+    for r in range(a.warmup + a.repeat):
+        timed = r >= a.warmup
+        if (timed and round_seconds and
+                time.perf_counter() + statistics.mean(round_seconds) * (1 + later_cases) > deadline):
+            print(f"gpu_decode: batch {batch}: {len(round_seconds)} round(s) of {a.repeat}, the rest would pass "
+                  "--max-seconds", flush=True)
             break
         t_round = time.perf_counter()
         for method in METHODS[r % 3 :] + METHODS[: r % 3]:  # rotated: drift hits each method in every position
             run = run_method(m, method, prompt.ids, new.ids)
             verify(method, run, new.ids, expected_kv)
-            runs[method].append(run)
-        round_seconds.append(time.perf_counter() - t_round)
-    return figures(m, runs, batch, a, bandwidth, prompt, new, expected_kv, round_seconds)
+            if timed:
+                runs[method].append(run)
+        (round_seconds if timed else warm_seconds).append(time.perf_counter() - t_round)
+    return figures(m, runs, batch, a, bandwidth, prompt, new, expected_kv, round_seconds, warm_seconds)
 
 
 def figures(m: MergedLM, runs: dict[str, list[Run]], batch: int, a, bandwidth: float, prompt: Stream, new: Stream,
-            expected_kv: np.ndarray, round_seconds: list[float]) -> dict:
+            expected_kv: np.ndarray, round_seconds: list[float], warm_seconds: list[float]) -> dict:
     """The case's JSON record (medians over rounds; per-round ratios as min / median / max)."""
     W, N = a.prompt, a.new
     decode = {k: [batch * x.steps / x.decode_seconds for x in v] for k, v in runs.items()}  # tokens/s per round
@@ -331,6 +334,7 @@ def figures(m: MergedLM, runs: dict[str, list[Run]], batch: int, a, bandwidth: f
         "model": "tiny llama" if a.tiny else "llama-3.2-1b config, random weights",
         "batch": batch, "prompt": W, "new": N, "dtype": a.dtype, "device": str(m.lm.device),
         "rounds": len(runs["hf"]), "round_seconds": [round(s, 2) for s in round_seconds],
+        "warmup_seconds": [round(s, 2) for s in warm_seconds],
         **{f"{k}_tok_s": round(v, 1) for k, v in med.items()},
         **{f"{k}_e2e_tok_s": round(batch * N / statistics.median(x.seconds for x in v), 1) for k, v in runs.items()},
         "dynamic_vs_hf": spread("dynamic", "hf"), "dynamic_vs_none": spread("dynamic", "none"),
@@ -377,7 +381,8 @@ def parse(argv: list[str]):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer d-64 Llama with a 1,024-token vocabulary (CPU tests)")
-    p.add_argument("--repeat", type=int, default=2, help="rounds per batch size, each in a rotated method order")
+    p.add_argument("--repeat", type=int, default=2, help="timed rounds per batch size, each in a rotated method order")
+    p.add_argument("--warmup", type=int, default=1, help="untimed full-length rounds first (verified too)")
     p.add_argument("--max-seconds", type=float, default=270.0, help="total time guard, model building included")
     p.add_argument("--rules-per-n", type=int, default=None, help="distinct planted rules of each n (2, 3, 4); "
                    "default 64, 16 with --tiny")
@@ -393,6 +398,8 @@ def parse(argv: list[str]):
         raise UserError(f"--batch {a.batch!r}: give a comma list of positive integers, e.g. 32,1") from None
     bad = next((f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("prompt", "new", "repeat", "rules_per_n")
                 if getattr(a, k) < 1), None)
+    if a.warmup < 0:
+        raise UserError(f"--warmup {a.warmup}: give 0 or more rounds")
     if bad or min(a.batches) < 1:
         raise UserError(f"{bad or '--batch ' + a.batch}: give a positive integer")
     if not 0.0 < a.tr <= 0.7:
@@ -435,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu_decode: batch {batch} FAILED verification, no figures: {e}", flush=True)
             failed += 1
             continue
-        estimate = statistics.mean(r["round_seconds"])
+        estimate = sum(r["warmup_seconds"]) + statistics.mean(r["round_seconds"])
         rows.append(r)
         print("GPUDECODE " + json.dumps(r), flush=True)
     if rows:
