@@ -9,8 +9,8 @@ row lengths (plus one scratch slot), and a rollback returns its slots to a free 
 steps reuse. For attention, each layer's update gathers the rows' slots into a rectangle
 ``[B, H_kv, W, D]`` (W = the longest row) that the model's own attention (SDPA or eager) reads with
 our 4-D mask (none when every row has W entries) and drops right after; only the ragged pool
-persists between steps. That gather copies
-as much as ``DynamicCache``'s ``torch.cat`` does each step, so batch 1 costs no more than before.
+persists between steps. That gather copies as much as ``DynamicCache``'s ``torch.cat`` does each
+step, so batch 1 costs no more than before.
 
 Alternatives checked (transformers 5.24):
 
