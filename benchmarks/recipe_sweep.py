@@ -52,8 +52,9 @@ RESERVED = (MARKER, "results.jsonl", "summary.md")  # the sweep folder's own fil
 
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "baseline": ([], "the config as it is"),
-    "lr2x": (["--model.lr", "1.6e-3"], "lr 1.6e-3 (2x conf/default.yaml's)"),
-    "lr_half": (["--model.lr", "4e-4"], "lr 4e-4 (0.5x conf/default.yaml's)"),
+    "lr2x": (["--model.lr", "3.2e-3"], "lr 3.2e-3 (2x conf/default.yaml's)"),
+    "lr_half": (["--model.lr", "8e-4"], "lr 8e-4 (0.5x conf/default.yaml's, the paper's)"),
+    "no_clip": (["--trainer.gradient_clip_val", "null"], "no gradient clipping (conf/default.yaml clips at 1.0)"),
     "warmup20": (["--model.warmup_ratio", "0.2"], "schedule: 20% warmup (conf/default.yaml: 5%)"),
     "sched_half": (["--trainer.max_steps", "75"],
                    "schedule: cosine over 75 steps, ends there (conf/default.yaml: 150)"),

@@ -169,7 +169,7 @@ def test_out_that_is_not_a_sweep_is_refused(sweep, tmp_path, capsys):
 def test_variant_selection_and_typos_refused_before_any_run(sweep, tmp_path, capsys):
     assert list(sweep.parse_variants(None, [])) == list(sweep.VARIANTS)
     chosen = sweep.parse_variants("baseline,lr2x", ["wd0=--model.weight_decay 0 --model.lr '1e-3'"])
-    assert chosen == {"baseline": [], "lr2x": ["--model.lr", "1.6e-3"],
+    assert chosen == {"baseline": [], "lr2x": ["--model.lr", "3.2e-3"],
                       "wd0": ["--model.weight_decay", "0", "--model.lr", "1e-3"]}
     assert list(sweep.parse_variants(None, ["x=--model.lr 1"])) == ["x"]
     for names, custom, msg in (("nope", [], "unknown variant 'nope'"), (None, ["lr2x=--model.lr 1"], "taken"),
