@@ -117,7 +117,8 @@ def main() -> int:
                "--data.block_size", str(a.block_size), "--data.batch_size", str(a.batch_size),
                "--data.max_eval_blocks", "8", "--trainer.max_steps", str(a.steps), "--trainer.val_check_interval",
                str(a.steps), "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=gpu_check.Throughput"]
-        path = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+        path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), str(ROOT / "tests"),
+                                             os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path, "UMIM_CACHE": str(work / "cache")}
         t1 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -33,9 +33,9 @@ copies: the ideal). Weight bytes count the tied embedding once (the LM head read
 
 Output: one ``GPUDECODE {json}`` line per batch size, then a table; ``--json`` also writes them.
 ``--max-seconds`` guards the total, model building included: a case runs a second round only when
-it and a first round of every later case (guessed as long) still fit, and a case whose first round
-would not fit is skipped, each with a message. A case whose run fails verification prints why and
-gives no figures; the others still run, and the exit code is 1.
+it and the warm-up and first round of every later case (guessed as long) still fit, and a case whose
+warm-up and first round would not fit is skipped, each with a message. A case whose run fails
+verification prints why and gives no figures; the others still run, and the exit code is 1.
 
     python benchmarks/gpu_decode.py [--batch 32,1] [--prompt 2000] [--new 2000] [--tr 0.35]
         [--dtype bfloat16] [--device cuda] [--warmup 1] [--repeat 2] [--max-seconds 270] [--json OUT]
@@ -292,8 +292,9 @@ def run_case(m: MergedLM, rules: MergeRules, fillers: np.ndarray, a, batch: int,
     round_seconds, warm_seconds = [], []
     for r in range(a.warmup + a.repeat):
         timed = r >= a.warmup
-        if (timed and round_seconds and
-                time.perf_counter() + statistics.mean(round_seconds) * (1 + later_cases) > deadline):
+        # another round here, then a warm-up and a round for each later case (guessed as long as this one's)
+        if (timed and round_seconds and time.perf_counter() + statistics.mean(round_seconds)
+                + later_cases * (sum(warm_seconds) + statistics.mean(round_seconds)) > deadline):
             print(f"gpu_decode: batch {batch}: {len(round_seconds)} round(s) of {a.repeat}, the rest would pass "
                   "--max-seconds", flush=True)
             break

@@ -124,6 +124,9 @@ def test_processes_converting_the_embedded_model_at_once_all_succeed(tmp_path):
     import subprocess
     import sys
 
+    stale = tmp_path / ".smollm2-135m-instruct.killed.tmp"  # left by a conversion killed two hours ago
+    (stale / "part").mkdir(parents=True)
+    os.utime(stale, (os.path.getmtime(stale) - 7200,) * 2)
     env = {**os.environ, "UMIM_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     code = "from umim.lm import _embedded_converted; print(_embedded_converted())"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -131,6 +134,6 @@ def test_processes_converting_the_embedded_model_at_once_all_succeed(tmp_path):
     results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _, _ in results), [err[-800:] for _, _, err in results]
     assert {out.strip() for _, out, _ in results} == {str(tmp_path / "smollm2-135m-instruct")}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # no staging folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # no staging, none stale
     lm = load_lm(LMSpec(str(tmp_path / "smollm2-135m-instruct")))
     assert lm.config.num_hidden_layers == 30

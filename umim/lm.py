@@ -9,11 +9,13 @@ dequantized once and cached as plain safetensors under ``$UMIM_CACHE`` (default
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +85,12 @@ def _embedded_converted() -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
     # a staging folder of this process's own: processes started together (DDP ranks, parallel runs)
-    # each convert, and the first to finish wins; the others keep its folder and drop theirs
+    # each convert, and the first to finish wins; the others keep its folder and drop theirs.
+    # Staging folders an hour old are left by killed conversions (one takes a minute): removed here
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = staging_dir(out)
     try:
         plain.save_pretrained(tmp)

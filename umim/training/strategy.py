@@ -87,7 +87,8 @@ def shard_frozen_lm_module(
     # A tied embedding/head stays replicated (FSDP2 ignores it): one unit over both modules unshards on
     # the first of them to run and reshards after the last, and torch 2.11 leaves it sharded for good
     # once a pass runs only one of them (our report calls the embedding alone): "aten.embedding.default
-    # got mixed torch.Tensor and DTensor". Tied LMs are the small ones (1-3B), so the cost is small.
+    # got mixed torch.Tensor and DTensor". Tied LMs are the small ones (1-3B), so the cost is small: the
+    # weight in the LM's dtype on every rank (FSDP2's mixed precision skips it; autocast casts per call).
     frozen = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
                   mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype),
                   ignored_params={emb.weight} if tied else None)
