@@ -3,6 +3,10 @@ another tokenizer, and (slow) a short distillation run lowers the loss with the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -120,10 +124,6 @@ def test_dynamic_rollback_equals_recompute_on_embedded_model(smollm, pydoc_rules
 @pytest.mark.slow
 def test_processes_converting_the_embedded_model_at_once_all_succeed(tmp_path):
     # a fresh cache: each process converts the GGUF; the first folder to land is kept, the others dropped
-    import os
-    import subprocess
-    import sys
-
     stale = tmp_path / ".smollm2-135m-instruct.killed.tmp"  # left by a conversion killed two hours ago
     (stale / "part").mkdir(parents=True)
     os.utime(stale, (os.path.getmtime(stale) - 7200,) * 2)

@@ -330,6 +330,33 @@ def test_ragged_cache_prefill_after_rollback_to_empty_equals_a_new_cache(setup):
                 assert torch.equal(used.step(step, live), new.step(step, live))
             assert used.lengths() == new.lengths() == [n + 3 for n in lens]
 
+def test_a_step_over_rows_of_equal_length_passes_no_mask_and_equals_recompute(setup):
+    """Rows of one length (batch 1 always) step without a mask of ours (transformers' own then lets SDPA
+    skip it); rows of different lengths pass our 4-D mask. Both give the logits of a full recompute."""
+    from umim.inference.kv_cache import MergingCache
+
+    lm = setup[0]
+    d = lm.get_input_embeddings().embedding_dim
+    torch.manual_seed(0)
+    masks = []
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for lens in ([5, 5], [5, 3]):
+                rows = [torch.randn(n, d) for n in lens]
+                cache = MergingCache(lm)
+                cache.prefill(rows)
+                step = torch.randn(len(lens), 1, d)
+                masks.clear()
+                logits = cache.step(step, [True] * len(lens))
+                assert (masks[0] is None) == (lens[0] == lens[1])
+                for b, row in enumerate(rows):
+                    full = lm(inputs_embeds=torch.cat([row, step[b]])[None]).logits[0, -1].float()
+                    assert torch.allclose(logits[b], full, atol=1e-4)
+    finally:
+        hook.remove()
+
+
 def test_ragged_cache_refuses_an_unplanned_forward_and_reads_its_length_without_changing(setup):
     """A forward the cache did not plan (a plain model call on a finished decode's cache) is refused, not
     written over live slots; asking the length between a plan and its forward (as models do when no

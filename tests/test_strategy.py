@@ -56,3 +56,16 @@ def test_layout_and_direct_calls_of_embedding_and_head(family, gloo_world_of_one
         h = plain.model(input_ids=ids).last_hidden_state
         torch.testing.assert_close(head(h), plain.lm_head(h))
         torch.testing.assert_close(lm.model(input_ids=ids).last_hidden_state, h)
+
+
+def test_a_torch_without_ignored_params_is_refused_in_one_line(monkeypatch, gloo_world_of_one):
+    import torch.distributed.fsdp as fsdp
+
+    from umim.errors import UserError
+
+    def old_fully_shard(module, *, mesh=None, reshard_after_forward=True, mp_policy=None):  # torch 2.6's keywords
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(fsdp, "fully_shard", old_fully_shard)
+    with pytest.raises(UserError, match=r"needs torch >= 2\.7 .*--trainer\.strategy ddp"):
+        shard_frozen_lm_module(_Holder(build_model("llama-tied", vocab=97)), gloo_world_of_one)

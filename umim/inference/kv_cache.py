@@ -70,9 +70,8 @@ class RaggedKV:
 
     Per layer one pool of slots ``[H_kv, C + 1, D]`` (head-major: see :meth:`update`): slot 0 is
     scratch (the target of padding and of finished rows' dummy steps, never read unmasked), slots
-    1..C hold entries or are free. ``table``
-    [B, W] holds each row's slot ids right-packed: row b's L_b entries fill its last L_b columns in
-    sequence order, W = max L_b, padding points at slot 0.
+    1..C hold entries or are free. ``table`` [B, W] holds each row's slot ids right-packed: row b's
+    L_b entries fill its last L_b columns in sequence order, W = max L_b, padding points at slot 0.
 
     A forward is planned first (:meth:`plan_prefill`, :meth:`plan_step`: which slots the new entries
     take); the model then calls :meth:`update` once per layer, as on a transformers cache.
@@ -346,7 +345,7 @@ class MergingCache:
         self.kv.plan_step(torch.tensor(live))
         at = torch.tensor([p if v else p - 1 for p, v in zip(self.next_pos, live)], device=embeds.device)
         # rows of equal length (batch 1 always) need no mask of ours: transformers' own then lets SDPA
-        # take its mask-free kernel (on an H200 our loop's step cost 1.5x HF's with a 4-D mask at batch 32)
+        # take its mask-free kernel (flash attention on a GPU; a 4-D mask rules it out)
         mask = None if self.kv.full() else additive_mask(self.kv.valid.to(embeds.device)[:, None, None, :],
                                                          embeds.dtype)
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=at[:, None],
