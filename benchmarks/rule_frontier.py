@@ -88,7 +88,9 @@ def _ratio(x: float, y: float) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run_dir", default="runs/default")
-    p.add_argument("--costs", help="costs.json from `umim score-rules` on the run's rules (default: score here)")
+    p.add_argument("--rules", help="rules folder cut into subsets (default: the run's rules/; a fit with rule "
+                                   "selection keeps all it mined in mined_rules/, their costs in rule_costs.json)")
+    p.add_argument("--costs", help="costs.json from `umim score-rules` on these rules (default: score here)")
     p.add_argument("--score_blocks", type=int, default=48, help="train blocks scored when --costs is not given")
     p.add_argument("--test_blocks", type=int, default=16, help="test-split blocks evaluated")
     p.add_argument("--block_size", type=int, default=256)
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     )
 
     t0 = time.perf_counter()
-    model = ModelArgs(run_dir=a.run_dir).load()
+    model = ModelArgs(run_dir=a.run_dir, rules=a.rules).load()
     corpus = (run_corpus(a.run_dir) or ("pydoc", a.block_size))[0]
     if a.costs:
         costs = RuleCosts.load(a.costs, model.rules)

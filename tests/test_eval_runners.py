@@ -296,6 +296,8 @@ def test_notebook_executes_headless(name, tiny, compare_result, qa_result, gener
 
     results = tmp_path / "results"
     write_results(compare_result, results / "compare", "compare")
+    for ranking in ("count", "cost"):  # the two umim_budget rankings, as `--out_dir .../compare_<ranking>` writes them
+        write_results(compare_result, results / f"compare_{ranking}", "compare")
     write_results(qa_result, results / "qa", "qa")
     write_results(generation_results[0], results / "summarize", "summarization")
     write_results(generation_results[1], results / "math", "math")
@@ -308,7 +310,7 @@ def test_notebook_executes_headless(name, tiny, compare_result, qa_result, gener
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     figures = sorted(p.name for p in (results / "figures").glob("*.png"))
-    assert figures == (["rule_frontier.png", "tr_vs_ppl.png"] if name == "tr_vs_quality"
+    assert figures == (["count_vs_cost.png", "rule_frontier.png", "tr_vs_ppl.png"] if name == "tr_vs_quality"
                        else ["math.png", "qa.png", "summarize.png"])
     assert np.all([p.stat().st_size > 1000 for p in (results / "figures").glob("*.png")])
     if name != "tr_vs_quality":
@@ -316,9 +318,13 @@ def test_notebook_executes_headless(name, tiny, compare_result, qa_result, gener
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     for r in frontier["rows"]:  # one table line per subset
         assert re.search(rf"^{r['method']} +\S+ +{r['rules']} +{100 * r['test_tr']:.1f}% ", printed, re.M), r
+    for ranking in ("count", "cost"):  # one line per ranking, every compare row on it
+        assert re.search(rf"^{ranking} +(TR +[\d.]+% PPL [\d.]+ *){{{len(compare_result['rows'])}}}$", printed, re.M)
 
-    # without the frontier file its cells print how to make it, plot nothing, and the compare cells run as before
+    # without the frontier file (or one ranking) their cells print how to make it, plot nothing, and the
+    # compare cells run as before
     (results / "rule_frontier" / "rule_frontier.json").unlink()
+    (results / "compare_cost" / "compare.json").unlink()
     for p in (results / "figures").glob("*.png"):
         p.unlink()
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
@@ -329,6 +335,9 @@ def test_notebook_executes_headless(name, tiny, compare_result, qa_result, gener
                     for o in c.outputs]
     assert len(frontier_out) == 1 and frontier_out[0].count("\n") == 1, frontier_out
     assert "python benchmarks/rule_frontier.py --costs" in frontier_out[0]
+    ranking_out = [o["text"] for c in nb.cells if c.cell_type == "code" and "compare_cost" in c.source
+                   for o in c.outputs]
+    assert len(ranking_out) == 1 and ranking_out[0].startswith(f"no {results}/compare_count"), ranking_out
 
 
 def test_journal_starts_afresh_when_the_merger_or_rules_change(tmp_path):

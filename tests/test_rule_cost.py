@@ -200,6 +200,21 @@ def test_budget_refuses_costs_scored_for_another_rule_set(tiny, costs, tmp_path)
         UMIMBudget(MergedLM(lm, tok, merger, other), 0.1, score="cost", costs=tmp_path / "costs.json")
 
 
+def test_budget_takes_the_costs_of_the_rules_a_subset_was_selected_from(tiny, costs, tmp_path):
+    """A fit's rules/ is selected from its mined rules, whose costs it writes: those costs serve the subset."""
+    lm, tok, merger, rules, blocks = tiny
+    keep = cost_order(costs)[:5]
+    costs.save(tmp_path / "costs.json")
+    chosen = subset_rules(rules, keep, {"method": "cost", "source_rules_sha256": rules_digest(rules)})
+    budget = UMIMBudget(MergedLM(lm, tok, merger, chosen), 0.1, score="cost", costs=tmp_path / "costs.json")
+    table = costs.table()
+    assert set(rule_list(chosen)) <= set(budget._costs) and all(budget._costs[g] == table[g] for g in rule_list(chosen))
+    # a subset of another rule set is refused
+    stranger = subset_rules(rules, keep, {"method": "cost", "source_rules_sha256": "0" * 64})
+    with pytest.raises(UserError, match="another rule set"):
+        UMIMBudget(MergedLM(lm, tok, merger, stranger), 0.1, score="cost", costs=tmp_path / "costs.json")
+
+
 def test_shrunk_costs_pull_rare_rules_toward_the_mean(costs):
     raw, fired = costs.cost, costs.fires > 0
     np.testing.assert_allclose(costs.shrunk_cost(0.0)[fired], raw[fired])

@@ -90,20 +90,24 @@ def load_alignment_scores(source: dict | str | Path) -> dict[tuple[int, ...], fl
 
 def load_cost_scores(source, rules=None) -> dict[tuple[int, ...], float]:
     """``{ngram tuple: cost}`` of the rules that fired, from a costs file, a rules folder holding
-    ``costs.json``, a :class:`~umim.rules.cost.RuleCosts` or a dict; with ``rules``, costs scored
-    for another rule set are refused."""
+    ``costs.json``, a :class:`~umim.rules.cost.RuleCosts` or a dict. With ``rules``, the costs must
+    have been scored on that rule set or on the set it was selected from (``umim select-rules`` and
+    the fit's selection record its fingerprint: a fit's ``rule_costs.json`` serves its ``rules/``);
+    costs of another rule set are refused."""
     from umim.rules.cost import RuleCosts, RuleCostsError, rules_digest
 
-    if isinstance(source, RuleCosts):
-        if rules is not None and source.meta.get("rules_sha256") != rules_digest(rules):
-            raise RuleCostsError("these rule costs were scored for another rule set: run `umim score-rules` on it")
-        return source.table()
     if isinstance(source, dict):
         out = {tuple(int(t) for t in g): float(c) for g, c in source.items()}
         if any(len(g) < 2 for g in out):
             raise UserError("rule costs given for an n-gram shorter than 2 tokens: rules have at least 2")
         return out
-    return RuleCosts.load(source, rules).table()
+    costs = source if isinstance(source, RuleCosts) else RuleCosts.load(source)
+    if rules is not None and costs.meta.get("rules_sha256") not in (
+            rules_digest(rules), rules.selection.get("source_rules_sha256")):
+        where = "these rule costs" if isinstance(source, RuleCosts) else str(source)
+        raise RuleCostsError(f"{where} were scored for another rule set: run `umim score-rules` on these rules "
+                             "(or on the rules they were selected from)")
+    return costs.table()
 
 
 @dataclass
