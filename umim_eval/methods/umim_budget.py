@@ -102,8 +102,10 @@ def load_cost_scores(source, rules=None) -> dict[tuple[int, ...], float]:
             raise UserError("rule costs given for an n-gram shorter than 2 tokens: rules have at least 2")
         return out
     costs = source if isinstance(source, RuleCosts) else RuleCosts.load(source)
-    if rules is not None and costs.meta.get("rules_sha256") not in (
-            rules_digest(rules), rules.selection.get("source_rules_sha256")):
+    if rules is None:
+        return costs.table()
+    accepted = {rules_digest(rules), rules.selection.get("source_rules_sha256")} - {None}
+    if costs.meta.get("rules_sha256") not in accepted:
         where = "these rule costs" if isinstance(source, RuleCosts) else str(source)
         raise RuleCostsError(f"{where} were scored for another rule set: run `umim score-rules` on these rules "
                              "(or on the rules they were selected from)")
